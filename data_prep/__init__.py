@@ -1,0 +1,1 @@
+"""data_prep: 3D tomography volumes -> captioned 2D slices that `datasets` loads (and a synthetic phantom)."""

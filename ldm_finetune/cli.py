@@ -1,0 +1,199 @@
+"""`ldm-finetune` command line: one subcommand per stage of the pipeline.
+
+User mistakes (`UserError`) print one line on stderr and exit with status 2, never a traceback. Heavy libraries
+(torch, diffusers) are imported inside the subcommands that need them, so `prep` and `--help` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ldm_finetune.errors import UserError
+
+
+def _phantom(args: argparse.Namespace) -> None:
+    from data_prep.phantom import STATES, write_phantoms
+
+    states = args.states or list(STATES)
+    unknown = [s for s in states if s not in STATES]
+    if unknown:
+        raise UserError(f"--states: unknown phantom state {unknown[0]!r}; expected {', '.join(STATES)}")
+    if any(n < 16 for n in args.shape):
+        raise UserError(f"--shape {' '.join(map(str, args.shape))}: every size must be at least 16 voxels")
+    paths = write_phantoms(args.out_dir, tuple(args.shape), seed=args.seed, rings=args.rings, states=states)
+    for state, path in paths.items():
+        print(f"{state:<14} {path}")
+
+
+def _volume_arg(text: str) -> dict:
+    state, sep, path = text.partition("=")
+    if not sep or not state or not path:
+        raise UserError(f"--volume {text!r}: expected STATE=PATH (e.g. --volume dry=scans/dry.tif)")
+    return {"state": state, "path": path}
+
+
+def _pair(text: str, flag: str, kind=float) -> list:
+    parts = text.replace(",", " ").split()
+    try:
+        return [kind(p) for p in parts]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected numbers separated by commas") from None
+
+
+def _prep_settings(args: argparse.Namespace) -> dict:
+    """Prep config dict: the YAML file (if any), then every flag the user gave on top."""
+    from ldm_finetune.configtools import load_yaml
+
+    data = load_yaml(args.config) if args.config else {}
+    if args.volume:
+        data["volumes"] = [_volume_arg(v) for v in args.volume]
+    for per_volume in ("channel",):
+        value = getattr(args, per_volume)
+        if value is not None:
+            for v in data.get("volumes", []):
+                v[per_volume] = value
+    simple = {
+        "out": args.out, "resolution": args.resolution, "tile_size": args.tile_size, "bits": args.bits,
+        "warp_axis": args.warp_axis, "memory_budget_mb": args.memory_budget, "sample_pages": args.sample_pages,
+    }
+    data.update({k: v for k, v in simple.items() if v is not None})
+    if args.stride is not None:
+        data["stride"] = _strides(args.stride)
+    if args.orientations:
+        data["orientations"] = args.orientations
+    if args.spacing:
+        data["spacing"] = _pair(args.spacing, "--spacing")
+    if args.window:
+        data["window"] = args.window if args.window in ("auto", "shared") else _pair(args.window, "--window")
+    if args.percentiles:
+        data["percentiles"] = _pair(args.percentiles, "--percentiles")
+    split = data.setdefault("split", {})
+    for key, value in (("axis", args.split_axis), ("fraction", args.split_fraction), ("gap", args.split_gap)):
+        if value is not None:
+            split[key] = value
+    captions = data.setdefault("captions", {})
+    for key, value in (("style", args.caption_style), ("template", args.caption_template),
+                       ("class_noun", args.class_noun)):
+        if value is not None:
+            captions[key] = value
+    for item in args.identifier or []:
+        name, sep, ident = item.partition("=")
+        if not sep:
+            raise UserError(f"--identifier {item!r}: expected NAME=IDENTIFIER (e.g. dry=w17h3r)")
+        captions.setdefault("identifiers", {})[name] = ident
+    if args.overwrite:
+        data["overwrite"] = True
+    if args.no_hash:
+        data["hash_sources"] = False
+    if "out" not in data:
+        raise UserError("prep needs --out DIR (or 'out:' in the prep config)")
+    return data
+
+
+def _strides(text: str):
+    if "=" not in text:
+        return _pair(text, "--stride", int)[0]
+    out = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        out[name.strip()] = _pair(value, "--stride", int)[0]
+    return out
+
+
+def _prep(args: argparse.Namespace) -> None:
+    import yaml
+
+    from data_prep.config import PrepConfig
+    from data_prep.prep import empty_combinations, run_prep, summary_table
+    from ldm_finetune.configtools import from_dict, to_dict
+
+    cfg = from_dict(PrepConfig, _prep_settings(args))
+    if args.dry_run:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return
+    manifest = run_prep(cfg, show_progress=not args.quiet)
+    print(summary_table(manifest))
+    for combo in empty_combinations(manifest):
+        print(f"warning: no image for {combo}", file=sys.stderr)
+    print(f"dataset written to {cfg.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm-finetune",
+        description="Fine-tune latent diffusion models on X-ray tomography of 3D-woven composites.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("phantom", help="write synthetic woven-composite CT volumes (dry, dry-compacted, injected)",
+                       description="Write OUT_DIR/{dry,dry-compacted,injected}.tif: seeded synthetic CT volumes of a "
+                       "3D-woven composite. --shape is the dry volume; dry-compacted is ~0.55 and injected ~0.8 as "
+                       "thick, with the same height and width.")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    p.add_argument("--shape", type=int, nargs=3, default=[96, 192, 256], metavar=("D", "H", "W"),
+                   help="dry volume size: depth (pages), height, width (default: 96 192 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--rings", action="store_true", help="add CT ring artefacts")
+    p.add_argument("--states", nargs="+", metavar="STATE", help="only these states (default: all three)")
+    p.set_defaults(func=_phantom)
+
+    p = sub.add_parser("prep", help="slice TIFF volumes into a captioned 2D dataset (train/validation)",
+                       description="Slice 3D TIFF volumes into thickness / warp / weft images with captions, split "
+                       "without leakage, as OUT/train and OUT/validation (images + metadata.jsonl) and "
+                       "OUT/manifest.json. Settings come from CONFIG.yaml and/or the flags (flags win).")
+    p.add_argument("config", nargs="?", type=Path, metavar="CONFIG.yaml", help="prep settings file (optional)")
+    p.add_argument("--volume", action="append", metavar="STATE=PATH",
+                   help="a TIFF stack or a folder of 2D TIFF slices, with its state name (repeat per volume)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output dataset folder")
+    p.add_argument("--resolution", type=int, metavar="PX", help="output image side (default: 512)")
+    p.add_argument("--tile-size", type=int, metavar="VOXELS",
+                   help="tile side in voxels for every cut (default: native crops of RESOLUTION for thickness, "
+                   "full-depth squares for warp/weft)")
+    p.add_argument("--stride", metavar="N|ORIENT=N,...", help="keep every N-th slice (e.g. 4, or thickness=2,warp=8)")
+    p.add_argument("--orientations", nargs="+", metavar="ORIENT", help="subset of: thickness warp weft")
+    p.add_argument("--warp-axis", choices=["y", "x"], help="warp images are planes at fixed y (default) or fixed x")
+    p.add_argument("--spacing", metavar="Z,Y,X", help="voxel size; depth is resampled to isotropic (default 1,1,1)")
+    p.add_argument("--channel", type=int, metavar="N", help="channel to use in multi-channel files")
+    p.add_argument("--bits", type=int, choices=[8, 16], help="PNG bit depth (default: 8)")
+    p.add_argument("--window", metavar="auto|shared|LO,HI",
+                   help="grey-level window: per volume (auto, default), pooled over all volumes (shared), or fixed")
+    p.add_argument("--percentiles", metavar="LO,HI", help="percentiles for auto/shared windows (default: 0.5,99.5)")
+    p.add_argument("--sample-pages", type=int, metavar="N", help="pages sampled for the window histogram (16)")
+    p.add_argument("--memory-budget", type=int, metavar="MB", help="most volume data in memory at once (2048)")
+    p.add_argument("--split-axis", choices=["y", "x"], help="in-plane axis of the validation block (default: x)")
+    p.add_argument("--split-fraction", type=float, metavar="F", help="share of that axis for validation (0.2)")
+    p.add_argument("--split-gap", type=int, metavar="VOXELS", help="voxels dropped between blocks (default: one tile)")
+    p.add_argument("--caption-style", choices=["prefix", "dreambooth", "textual_inversion"],
+                   help="caption form: 'sf_dry sf_thickness' (prefix, default), 'a w17h3r th1ck texture' "
+                   "(dreambooth), 'A <dry-thickness> of a carbon composite material' (textual_inversion)")
+    p.add_argument("--caption-template", metavar="TEMPLATE",
+                   help="custom caption with {state} {orientation} {state_id} {orientation_id} {class_noun}")
+    p.add_argument("--identifier", action="append", metavar="NAME=ID", help="DreamBooth identifier for a state or "
+                   "orientation (repeatable)")
+    p.add_argument("--class-noun", metavar="NOUN", help="class noun for dreambooth captions (default: texture)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier prep output")
+    p.add_argument("--no-hash", action="store_true", help="skip the sha256 of source files in the manifest")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prep)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
