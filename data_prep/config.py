@@ -98,8 +98,8 @@ class PrepConfig:
             raise UserError(f"percentiles: {list(self.percentiles)} must satisfy 0 <= low < high <= 100")
         if isinstance(self.window, tuple) and not self.window[1] > self.window[0]:
             raise UserError(f"window: {list(self.window)} must be [low, high] with high > low")
-        if self.memory_budget_mb < 16:
-            raise UserError(f"memory_budget_mb: {self.memory_budget_mb} is too small (at least 16)")
+        if self.memory_budget_mb < 1:
+            raise UserError(f"memory_budget_mb: {self.memory_budget_mb} must be at least 1")
         if self.sample_pages < 1:
             raise UserError("sample_pages: must be >= 1")
         names = [(v.state, str(v.path)) for v in self.volumes]

@@ -15,6 +15,8 @@ Every reader returns copies in native byte order; nothing is written to the sour
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import mmap
 import os
 import re
@@ -87,15 +89,41 @@ def open_volume(path: str | os.PathLike, channel: int | None = None) -> Volume:
         raise UserError(f"{path}: no such file or folder")
     if path.is_dir():
         return _open_folder(path, channel)
+    with _tifffile_problems() as problems:
+        try:
+            tif = tifffile.TiffFile(path)
+        except Exception as exc:  # tifffile raises several types for non-TIFF / corrupt headers
+            raise UserError(f"{path}: not a readable TIFF file ({_short(exc)})") from None
+        try:
+            len(tif.pages)  # walk the whole IFD chain now, so a break in it is seen before any work
+            volume = _open_tiff(path, tif, channel)
+        except BaseException:
+            tif.close()
+            raise
+    if problems:
+        volume.close()
+        raise UserError(f"{path}: damaged TIFF structure ({problems[0]}); the file may be truncated")
+    return volume
+
+
+@contextlib.contextmanager
+def _tifffile_problems():
+    """Collect what tifffile *logs* as errors (a broken IFD chain: it then silently returns fewer pages)."""
+    logger = logging.getLogger("tifffile")
+    problems: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            problems.append(record.getMessage().split("\n")[0])
+
+    handler = Collect(level=logging.ERROR)
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False  # the CLI prints one line, not tifffile's log
     try:
-        tif = tifffile.TiffFile(path)
-    except Exception as exc:  # tifffile raises several types for non-TIFF / corrupt headers
-        raise UserError(f"{path}: not a readable TIFF file ({_short(exc)})") from None
-    try:
-        return _open_tiff(path, tif, channel)
-    except BaseException:
-        tif.close()
-        raise
+        yield problems
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _short(exc: BaseException) -> str:
@@ -165,8 +193,8 @@ def _series_layout(path: Path, axes: str, shape: tuple[int, ...], channel: int |
         n_channels = channels[0][2]
         if channel is None:
             raise UserError(
-                f"{path}: has {n_channels} channels (axes {axes!r}); choose one with channel=N "
-                f"(--volume STATE=PATH:channel=N, or 'channel:' in the config)"
+                f"{path}: has {n_channels} channels (axes {axes!r}); choose one with --channel N "
+                "(or 'channel:' for this volume in the prep config)"
             )
     if channel is not None:
         n_channels = shape[channel_axis] if channel_axis is not None else 1
@@ -308,7 +336,7 @@ def _open_folder(folder: Path, channel: int | None) -> Volume:
             raise UserError(f"{f}: slice is {shape} {dtype} but {files[0].name} is {shape0} {dtype0}; all slices must match")
     if len(shape0) == 3 and axes0.endswith("S"):
         if channel is None:
-            raise UserError(f"{files[0]}: slices have {shape0[-1]} channels; choose one with channel=N")
+            raise UserError(f"{files[0]}: slices have {shape0[-1]} channels; choose one with --channel N")
         if not 0 <= channel < shape0[-1]:
             raise UserError(f"{files[0]}: channel={channel} is out of range (slices have {shape0[-1]} channels)")
         pick = lambda a: a[..., channel]  # noqa: E731
