@@ -25,8 +25,10 @@ from data_prep.geometry import Plane, Tile, planes, resampled_depth
 from data_prep.volume import Volume
 from data_prep.window import quantize, to_unit
 
-# Share of the budget for the page slab; the spools get the other half.
+# How the memory budget is shared: a slab of pages (25 %), its per-plane copy for the spools (at most the same), and
+# the spools themselves when they fit in the remaining half; beyond that they go to scratch files.
 _SLAB_SHARE = 0.25
+_SPOOL_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def cut_volume(
     cuts = [o for o in ("warp", "weft") if by_plane.get(o)]
     lengths = {o: (w if plane_map[o].normal == "y" else h) for o in cuts}
     spool_bytes = sum(len(by_plane[o]) * d * lengths[o] * volume.dtype.itemsize for o in cuts)
-    on_disk = spool_bytes > (1 - _SLAB_SHARE) * settings.budget_bytes
+    on_disk = spool_bytes > _SPOOL_SHARE * settings.budget_bytes
     slab_pages = int(max(1, min(d, _SLAB_SHARE * settings.budget_bytes // volume.page_nbytes)))
     spools = {
         o: Spool(len(by_plane[o]), d, lengths[o], volume.dtype, scratch_dir / f"spool-{o}.bin" if on_disk else None)

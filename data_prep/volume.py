@@ -281,7 +281,8 @@ def _open_memmap(path, tif, series, layout, native: np.dtype, shape3) -> Volume:
     page = mmap.PAGESIZE
 
     def read(z0: int, z1: int) -> np.ndarray:
-        out = np.ascontiguousarray(array[layout.index(len(full_shape), z0, z1)], dtype=native)
+        # an explicit copy: ascontiguousarray would hand back the mapped view itself when it is already contiguous
+        out = np.array(array[layout.index(len(full_shape), z0, z1)], dtype=native, order="C", copy=True)
         # Drop the mapped pages we just copied so resident memory does not grow with the volume.
         start = series.dataoffset + z0 * depth_stride
         stop = series.dataoffset + z1 * depth_stride
