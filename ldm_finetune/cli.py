@@ -121,6 +121,13 @@ def _prep(args: argparse.Namespace) -> None:
     print(f"dataset written to {cfg.out}")
 
 
+def _tiny_model(args: argparse.Namespace) -> None:
+    from ldm_finetune.models import write_tiny_model
+
+    out = write_tiny_model(args.out, seed=args.seed, prediction_type=args.prediction_type)
+    print(f"tiny random-init Stable Diffusion pipeline written to {out}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     """The main job on the built-in default: synthetic phantom -> captioned dataset (later stages join here)."""
     from data_prep.config import PrepConfig, VolumeSpec
@@ -202,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prep)
+
+    p = sub.add_parser("tiny-model", help="write a small random-init SD pipeline (for tests and the demo)",
+                       description="Write a small random-init Stable Diffusion pipeline in diffusers layout "
+                       "(safetensors, with a small CLIP BPE vocabulary): the SD architecture in miniature, for tests, "
+                       "the demo and CI. No download.")
+    p.add_argument("out", type=Path, metavar="OUT")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
+    p.set_defaults(func=_tiny_model)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic data",
                        description="The main job on the built-in default, no GPU, network or private data needed: "

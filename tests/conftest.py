@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from data_prep.phantom import write_phantoms
-from ldm_finetune.cli import main
+# No test may reach a model hub: with this set, hub ids fail at once instead of retrying for minutes.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from data_prep.phantom import write_phantoms  # noqa: E402
+from ldm_finetune.cli import main  # noqa: E402
 
 # Small enough for fast tests, large enough that every state x orientation gets train and validation tiles at 32 px.
 SMALL_DRY_SHAPE = (48, 80, 128)
@@ -28,3 +34,11 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny random-init SD pipeline in diffusers layout, built once per session."""
+    from ldm_finetune.models import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)

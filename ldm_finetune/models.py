@@ -1,0 +1,149 @@
+"""Stable Diffusion components: load them (hub id or local diffusers folder), or build random-init ones offline.
+
+- `load_components(pretrained)`: tokenizer, CLIP text encoder, VAE, UNet and the training noise scheduler of an SD
+  1.x / 2.x model. The prediction type (epsilon, or v_prediction for SD 2.x 768) comes from the scheduler config.
+- `build_pipeline(preset)`: a random-init `StableDiffusionPipeline`. "tiny" is what tests, the demo and CI train
+  (`ldm-finetune tiny-model OUT` writes it in diffusers layout, with the small CLIP BPE vocabulary shipped in
+  `assets/tiny_clip_tokenizer`); "sd15" and "sd21" have the real architectures (no weights) for speed benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm_finetune.errors import UserError
+
+TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_clip_tokenizer"
+PRESETS = ("tiny", "sd15", "sd21")
+
+# SD's training noise schedule (both 1.x and 2.x): 1000 steps of "scaled_linear" betas 0.00085 -> 0.012.
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: object
+    vae: object
+    unet: object
+    noise_scheduler: object  # DDPMScheduler with the model's training schedule
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+
+def _arch(preset: str) -> dict:
+    """UNet / VAE / text-encoder sizes per preset."""
+    if preset == "tiny":
+        return dict(
+            unet=dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=16, sample_size=8),
+            # four VAE levels, like SD's, so latents are 1/8 of the image side as in the real models
+            vae=dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=64),
+            text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                      projection_dim=32, hidden_act="quick_gelu"),
+            sample_size=64,
+        )
+    vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+    if preset == "sd15":
+        return dict(
+            unet=dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                      sample_size=64),
+            vae=vae | dict(sample_size=512),
+            text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                      projection_dim=768, hidden_act="quick_gelu"),
+            sample_size=512,
+        )
+    if preset == "sd21":  # SD 2.1 base: OpenCLIP ViT-H text tower (23 layers used), linear projections, 64 head dim
+        return dict(
+            unet=dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
+                      attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, sample_size=64),
+            vae=vae | dict(sample_size=512),
+            text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+                      projection_dim=512, hidden_act="gelu"),
+            sample_size=512,
+        )
+    raise UserError(f"unknown model preset {preset!r}; expected one of {', '.join(PRESETS)}")
+
+
+def build_pipeline(preset: str = "tiny", seed: int = 0, prediction_type: str = "epsilon"):
+    """A random-init StableDiffusionPipeline of the given architecture (no download)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    arch = _arch(preset)
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer(str(TINY_TOKENIZER / "vocab.json"), str(TINY_TOKENIZER / "merges.txt"),
+                              model_max_length=77, pad_token="<|endoftext|>")
+    # full-size presets get CLIP's real vocabulary size: for speed only the embedding table's size matters
+    vocab_size = len(tokenizer) if preset == "tiny" else 49408
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77,
+                                                bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id, **arch["text"]))
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **arch["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * len(arch["vae"]["block_out_channels"]),
+                        up_block_types=("UpDecoderBlock2D",) * len(arch["vae"]["block_out_channels"]),
+                        **arch["vae"])
+    scheduler = DDIMScheduler(prediction_type=prediction_type, **SD_SCHEDULE)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def write_tiny_model(out: str | os.PathLike, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """`ldm-finetune tiny-model OUT`: the tiny random-init pipeline in diffusers layout (safetensors)."""
+    from data_prep.io import atomic_dir
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "model_index.json").is_file():
+            raise UserError(f"{out}: folder is not empty and is not a diffusers model; choose another OUT")
+    pipe = build_pipeline("tiny", seed=seed, prediction_type=prediction_type)
+    with atomic_dir(out, overwrite=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id ("org/name" has exactly one slash and no leading ./ ~)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def load_components(pretrained: str, revision: str | None = None, variant: str | None = None) -> Components:
+    """Load an SD 1.x/2.x model's parts from a local diffusers folder or a hub id; clear errors when it cannot."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"model.pretrained: {path} is not a diffusers model folder (no model_index.json); "
+                            "pass a folder written by save_pretrained / `ldm-finetune tiny-model`, or a hub id")
+        source = str(path)
+    elif _looks_local(pretrained):
+        raise UserError(f"model.pretrained: {pretrained} does not exist")
+    else:
+        source = pretrained
+    kw = dict(revision=revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as exc:
+        if source is pretrained:
+            raise UserError(
+                f"model.pretrained: cannot load {pretrained!r} from the Hugging Face hub ({str(exc).splitlines()[0]}); "
+                "on an offline machine download it elsewhere (huggingface-cli download "
+                f"{pretrained}) and pass the local folder"
+            ) from None
+        raise UserError(f"model.pretrained: {source}: {str(exc).splitlines()[0]}") from None
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)

@@ -1,0 +1,65 @@
+"""Noise and loss-weighting options shared by every recipe (one implementation each).
+
+- offset noise (Guttenberg 2023): add a per-image, per-channel constant to the noise so the model can shift a whole
+  frame's mean; without it SD cannot reach near-black / near-white frames, which CT slices are full of (the study
+  used 0.1);
+- input perturbation (Ning et al. 2023): the noisy input is built with slightly perturbed noise while the target keeps
+  the original noise, reducing the train/sample exposure bias;
+- min-SNR-gamma loss weighting (Hang et al. 2023): clamp each timestep's weight at SNR = gamma, written for the
+  prediction target actually used (epsilon or v);
+- zero-terminal SNR (Lin et al. 2024): rescale the betas so the last timestep is pure noise (needs v-prediction).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_noise(latents: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise shaped like `latents` (B, C, h, w), plus `offset` x a (B, C, 1, 1) Gaussian when offset > 0."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if offset > 0:
+        shift = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=latents.device,
+                            dtype=latents.dtype)
+        noise = noise + offset * shift
+    return noise
+
+
+def perturb_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise used to build the noisy input under input perturbation: noise + gamma * fresh Gaussian."""
+    if gamma <= 0:
+        return noise
+    return noise + gamma * torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1.0 - a)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Per-sample MSE weights for min-SNR-gamma.
+
+    The paper weights the x0-loss by min(SNR, gamma). An epsilon-MSE equals SNR x the x0-MSE, so its weight is
+    min(SNR, gamma) / SNR; a v-MSE equals (SNR + 1) x the x0-MSE, so its weight is min(SNR, gamma) / (SNR + 1).
+    """
+    s = snr(alphas_cumprod, timesteps)
+    clamped = torch.clamp(s, max=gamma)
+    if prediction_type == "epsilon":
+        return clamped / s
+    if prediction_type == "v_prediction":
+        return clamped / (s + 1.0)
+    raise ValueError(f"min-SNR weighting: unknown prediction type {prediction_type!r}")
+
+
+def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon) or the velocity v = sqrt(a) * noise - sqrt(1 - a) * x0."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {kind!r}")
