@@ -138,6 +138,8 @@ def _demo(args: argparse.Namespace) -> None:
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").is_file():
         raise UserError(f"{out}: folder is not empty and is not a demo output; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    # mark the folder as ours before any work, so a rerun after an interrupted run may reuse it
+    (out / "demo.json").write_text(json.dumps({"status": "running"}))
     print(f"[1/2] phantom: synthetic CT volumes {' '.join(map(str, args.shape))} -> {out / 'volumes'}")
     paths = write_phantoms(out / "volumes", tuple(args.shape), seed=args.seed)
     print(f"[2/2] prep: thickness/warp/weft slices at {args.resolution} px -> {out / 'dataset'}")
@@ -145,7 +147,8 @@ def _demo(args: argparse.Namespace) -> None:
                      resolution=args.resolution, overwrite=True)
     manifest = run_prep(cfg, show_progress=not args.quiet)
     print(summary_table(manifest))
-    (out / "demo.json").write_text(json.dumps({"volumes": {s: str(p) for s, p in paths.items()},
+    (out / "demo.json").write_text(json.dumps({"status": "done",
+                                                "volumes": {s: str(p) for s, p in paths.items()},
                                                 "dataset": str(out / "dataset")}, indent=2))
     print(f"done: dataset in {out / 'dataset'} (load it with datasets.load_dataset('imagefolder', "
           f"data_dir='{out / 'dataset'}'))")
