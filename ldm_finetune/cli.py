@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ldm_finetune.errors import UserError
+from ldm_finetune.errors import UserError, run_guarded
 
 
 def _phantom(args: argparse.Namespace) -> None:
@@ -236,17 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.func, args)
 
 
 if __name__ == "__main__":

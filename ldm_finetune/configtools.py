@@ -118,6 +118,10 @@ def convert(tp, value: Any, key: str):
                 errors.append(str(exc))
         raise UserError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid {_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and bool not in map(type, args):
+            # YAML 1.1 reads a bare no / off / yes / on as a boolean: map it back to the option the user wrote
+            words = ("no", "off", "false") if value is False else ("yes", "on", "true")
+            value = next((a for a in args if a in words), value)
         if value not in args:
             raise UserError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}{closest(str(value), map(str, args))}")
         return value

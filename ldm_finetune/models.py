@@ -116,21 +116,25 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def check_model_source(pretrained: str, key: str = "model.pretrained") -> str:
+    """A local diffusers folder (checked) or a hub id, as the string diffusers' from_pretrained takes."""
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{key}: {path} is not a diffusers model folder (no model_index.json); "
+                            "pass a folder written by save_pretrained / `ldm-finetune tiny-model`, or a hub id")
+        return str(path)
+    if _looks_local(pretrained):
+        raise UserError(f"{key}: {pretrained} does not exist")
+    return pretrained
+
+
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None) -> Components:
     """Load an SD 1.x/2.x model's parts from a local diffusers folder or a hub id; clear errors when it cannot."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = Path(pretrained).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise UserError(f"model.pretrained: {path} is not a diffusers model folder (no model_index.json); "
-                            "pass a folder written by save_pretrained / `ldm-finetune tiny-model`, or a hub id")
-        source = str(path)
-    elif _looks_local(pretrained):
-        raise UserError(f"model.pretrained: {pretrained} does not exist")
-    else:
-        source = pretrained
+    source = check_model_source(pretrained)
     kw = dict(revision=revision)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
@@ -139,7 +143,7 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
     except (OSError, ValueError) as exc:
-        if source is pretrained:
+        if source == pretrained and not Path(source).exists():
             raise UserError(
                 f"model.pretrained: cannot load {pretrained!r} from the Hugging Face hub ({str(exc).splitlines()[0]}); "
                 "on an offline machine download it elsewhere (huggingface-cli download "
@@ -147,3 +151,21 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
             ) from None
         raise UserError(f"model.pretrained: {source}: {str(exc).splitlines()[0]}") from None
     return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)
+
+
+def base_model_info(pretrained: str, unet) -> dict[str, str]:
+    """What a shared file should say about its base model: name, architecture family, weight hash when local."""
+    import hashlib
+
+    info = {"base_model": pretrained}
+    cross = unet.config.cross_attention_dim
+    info["architecture"] = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2"}.get(cross, f"sd-cross{cross}")
+    weights = sorted((Path(pretrained).expanduser() / "unet").glob("diffusion_pytorch_model*.safetensors"))
+    if weights:
+        h = hashlib.sha256()
+        for file in weights:
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        info["base_model_sha256"] = h.hexdigest()
+    return info

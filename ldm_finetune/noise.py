@@ -63,3 +63,14 @@ def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
     if kind == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler,
+                   min_snr_gamma: float | None = None) -> torch.Tensor:
+    """Per-sample MSE (B,), min-SNR weighted when gamma is set. Computed in fp32 whatever the autocast dtype."""
+    per_sample = torch.nn.functional.mse_loss(model_pred.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+    if min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, min_snr_gamma,
+                                                  noise_scheduler.config.prediction_type)
+    return per_sample

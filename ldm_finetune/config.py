@@ -1,0 +1,204 @@
+"""Recipe configs: one YAML per recipe in `recipes/`, validated into these dataclasses before any model loads.
+
+`load_config(path, overrides)` reads the YAML, applies dotted `key=value` overrides, converts and checks every value
+(unknown keys name the closest valid one; see configtools) and then runs the cross-field rules below. The resolved
+config is saved as `OUTPUT_DIR/config.yaml`; `--dry-run` prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from ldm_finetune.configtools import apply_overrides, from_dict, load_yaml
+from ldm_finetune.errors import UserError
+
+# The LoRA target groups, by the module names diffusers gives them (peft matches name suffixes).
+LORA_TARGETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],  # self- and cross-attention projections (the study's choice)
+    "feedforward": ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],  # rest of each transformer block
+    "resnet": ["conv1", "conv2", "conv_shortcut", "time_emb_proj"],  # ResNet convolutions (LoCon-style)
+}
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise UserError(f"{key}: {value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str  # hub id (e.g. stabilityai/stable-diffusion-2-1-base) or a local diffusers folder
+    revision: Optional[str] = None  # hub branch / tag / commit
+    variant: Optional[str] = None  # weight variant on the hub, e.g. fp16
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # default: the model's scheduler config
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # PyTorch scaled-dot-product attention, or xformers (GPU)
+    gradient_checkpointing: bool = False  # recompute activations in backward: ~30 % slower, far less memory
+    compile: bool = False  # torch.compile the UNet
+
+
+@dataclass
+class DataConfig:
+    train_dir: Path  # a prep output's train/ folder, or any image folder with metadata.jsonl
+    resolution: int = 512  # images are resized (shorter side) then cropped to this square size
+    caption_column: str = "text"  # metadata.jsonl column with the caption
+    center_crop: bool = True  # False: random crop (then latents cannot be cached)
+    random_flip: bool = False  # horizontal flips (then latents cannot be cached)
+    caption_dropout: float = 0.0  # share of captions replaced by "" (lets classifier-free guidance keep working)
+    repeats: int = 1  # each image appears this many times per epoch
+    cache_latents: Literal["none", "memory", "disk"] = "none"  # encode every image with the VAE once
+    cache_text: bool = True  # encode each caption once (only when the text encoder is frozen)
+    num_workers: int = 0  # dataloader worker processes
+
+    def __post_init__(self):
+        if self.resolution % 8 or self.resolution < 16:
+            raise UserError(f"data.resolution: {self.resolution} must be a multiple of 8 and at least 16 "
+                            "(the VAE downsamples by 8)")
+        if not 0 <= self.caption_dropout < 1:
+            raise UserError(f"data.caption_dropout: {self.caption_dropout} must be in [0, 1)")
+        _positive("data.repeats", self.repeats)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        if self.cache_latents != "none" and (self.random_flip or not self.center_crop):
+            raise UserError("data.cache_latents needs the same pixels every epoch: set data.random_flip=false and "
+                            "data.center_crop=true, or data.cache_latents=none")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16  # r: the adapter's inner dimension
+    alpha: float = 16.0  # scale = alpha / rank
+    dropout: float = 0.0
+    targets: list[Literal["attention", "feedforward", "resnet"]] = field(default_factory=lambda: ["attention"])
+    text_encoder: bool = False  # also adapt the CLIP text encoder's attention
+    text_encoder_lr: Optional[float] = None  # default: train.learning_rate
+
+    def __post_init__(self):
+        _positive("lora.rank", self.rank)
+        _positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout: {self.dropout} must be in [0, 1)")
+        if not self.targets:
+            raise UserError(f"lora.targets: choose at least one of {', '.join(LORA_TARGETS)}")
+
+    def unet_modules(self) -> list[str]:
+        return [name for group in self.targets for name in LORA_TARGETS[group]]
+
+
+@dataclass
+class NoiseConfig:
+    offset: float = 0.0  # offset noise strength (Guttenberg 2023); the study used 0.1
+    input_perturbation: float = 0.0  # input perturbation gamma (Ning et al. 2023), typically 0.1
+    min_snr_gamma: Optional[float] = None  # min-SNR loss weighting (Hang et al. 2023), typically 5
+    zero_terminal_snr: bool = False  # rescale betas so the last step is pure noise (Lin et al. 2024); needs v-pred
+
+    def __post_init__(self):
+        _positive("noise.offset", self.offset, allow_zero=True)
+        _positive("noise.input_perturbation", self.input_perturbation, allow_zero=True)
+        _positive("noise.min_snr_gamma", self.min_snr_gamma)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 1  # per device
+    gradient_accumulation_steps: int = 1
+    max_steps: Optional[int] = None  # optimizer steps; or set epochs
+    epochs: Optional[int] = None
+    learning_rate: float = 1e-4
+    scale_lr: bool = False  # multiply the learning rate by batch_size x accumulation x processes
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs bitsandbytes (GPU)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: Optional[float] = 1.0  # gradient clipping; null turns it off
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # trainable parameters always stay in fp32
+    allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+
+    def __post_init__(self):
+        if (self.max_steps is None) == (self.epochs is None):
+            raise UserError("train: set exactly one of train.max_steps and train.epochs "
+                            f"(got max_steps={self.max_steps}, epochs={self.epochs})")
+        for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "epochs", "learning_rate"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train.max_grad_norm", self.max_grad_norm)
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)  # fixed prompts, rendered every `every_steps` and at the end
+    seeds: list[int] = field(default_factory=lambda: [0])  # one image per prompt and seed
+    every_steps: Optional[int] = None  # null: only at the end
+    negative_prompt: str = ""
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+
+    def __post_init__(self):
+        _positive("validation.every_steps", self.every_steps)
+        _positive("validation.num_inference_steps", self.num_inference_steps)
+        if not self.seeds:
+            raise UserError("validation.seeds: give at least one seed")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None  # save the full training state every N steps (null: never)
+    total_limit: Optional[int] = None  # keep at most this many checkpoints, removing the oldest
+    resume: Optional[str] = None  # "latest" (in output_dir/checkpoints) or a checkpoint folder
+
+    def __post_init__(self):
+        _positive("checkpoint.every_steps", self.every_steps)
+        _positive("checkpoint.total_limit", self.total_limit)
+
+
+@dataclass
+class LoggingConfig:
+    report_to: Literal["tensorboard", "none"] = "tensorboard"  # accelerate tracker; logs in output_dir/logs
+    every_steps: int = 10  # loss / learning rate logging interval
+
+    def __post_init__(self):
+        _positive("logging.every_steps", self.every_steps)
+
+
+@dataclass
+class RecipeConfig:
+    recipe: Literal["lora"]  # what trains
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    output_dir: Path
+    seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if self.noise.zero_terminal_snr and self.model.prediction_type != "v_prediction":
+            raise UserError("noise.zero_terminal_snr: the last timestep has no signal, so epsilon cannot be "
+                            "learned there; set model.prediction_type=v_prediction too")
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        return self.recipe == "lora" and self.lora.text_encoder
+
+    @property
+    def caches_text(self) -> bool:
+        # a trained text encoder changes the embeddings every step, so they are cached only when it is frozen
+        return self.data.cache_text and not self.text_encoder_trains
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
+    """YAML file + dotted overrides -> a checked RecipeConfig (fails before anything heavy is imported)."""
+    data = apply_overrides(load_yaml(path), list(overrides))
+    try:
+        return from_dict(RecipeConfig, data)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None

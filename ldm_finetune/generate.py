@@ -1,0 +1,187 @@
+"""Generate material slices from prompts: a base model plus any LoRA files and Textual Inversion embeddings.
+
+`generate(...)` is the Python form of `ldm-finetune generate`. Image i of a prompt uses seed `seed + i` with its own
+generator, so a given (prompt, seed) gives the same image whatever the batch size or the number of images asked for.
+Used by training too, for validation images.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm_finetune.errors import UserError
+
+# Sampler name -> diffusers scheduler class name, all built from the model's own scheduler config.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+@dataclass
+class GenerateSettings:
+    prompts: list[str]
+    n: int = 4  # images per prompt
+    seed: int = 0
+    steps: int = 30
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    scheduler: str | None = None  # None: the model's own
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+    grayscale: bool = False  # save single-channel PNGs (CT slices are grey)
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (file or folder, scale)
+    embeddings: list[str] = field(default_factory=list)
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """'path' or 'path:SCALE' (a Windows drive letter's colon is not a scale)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path and re.fullmatch(r"[+-]?\d+(\.\d*)?|[+-]?\.\d+", scale):
+        return path, float(scale)
+    return text, 1.0
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    if name is None:
+        return
+    if name not in SCHEDULERS:
+        raise UserError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """A StableDiffusionPipeline from a local folder or hub id, with a clear error offline."""
+    from diffusers import StableDiffusionPipeline
+
+    from ldm_finetune.models import check_model_source
+
+    source = check_model_source(model, key="--model")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {model}: cannot load ({str(exc).splitlines()[0]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
+    """Load each LoRA as its own adapter after checking it fits, then activate them all with their scales."""
+    from ldm_finetune.lora import check_lora_fits, lora_file, read_lora
+
+    names = []
+    for i, (path, scale) in enumerate(loras):
+        file = lora_file(path)
+        weights, _ = read_lora(file)
+        check_lora_fits(weights, pipe, str(file))
+        name = f"lora{i}"
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+
+
+def apply_embeddings(pipe, embeddings: list[str]) -> list[str]:
+    """Load Textual Inversion files (diffusers or A1111 layout); returns the tokens they add."""
+    from safetensors import safe_open
+
+    tokens = []
+    for path in embeddings:
+        path = Path(path)
+        if not path.is_file() or path.suffix != ".safetensors":
+            raise UserError(f"--embedding {path}: expected an existing .safetensors embedding file")
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        # diffusers layout: {token: vectors}; A1111 layout: {"emb_params": vectors} named after the file
+        token = path.stem if keys == ["emb_params"] else None
+        try:
+            pipe.load_textual_inversion(str(path), token=token)
+        except ValueError as exc:
+            raise UserError(f"--embedding {path}: {exc}") from None
+        tokens.append(token or keys[0])
+    return tokens
+
+
+@torch.no_grad()
+def render(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, negative_prompt: str = "",
+           height: int | None = None, width: int | None = None) -> list[list[np.ndarray]]:
+    """images[p][s]: prompt p with seed s, as (H, W, 3) float arrays in [0, 1]."""
+    images = []
+    for prompt in prompts:
+        row = []
+        for seed in seeds:
+            generator = torch.Generator(device="cpu").manual_seed(seed)  # CPU generator: same noise on any device
+            out = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                       guidance_scale=guidance, height=height, width=width, generator=generator, output_type="np")
+            row.append(out.images[0])
+        images.append(row)
+    return images
+
+
+def to_image(array: np.ndarray, grayscale: bool = False) -> Image.Image:
+    data = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    if grayscale:
+        return Image.fromarray(data.mean(axis=2).round().astype(np.uint8), mode="L")
+    return Image.fromarray(data)
+
+
+def grid(rows: list[list[np.ndarray]]) -> Image.Image:
+    """One row per prompt, one column per seed."""
+    h, w = rows[0][0].shape[:2]
+    canvas = np.zeros((h * len(rows), w * max(len(r) for r in rows), 3), dtype=np.float32)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return to_image(canvas)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:60] or "prompt"
+
+
+def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None) -> list[Path]:
+    """Write OUT/<prompt-slug>_<seed>.png for every prompt and seed, and OUT/generation.json with the settings."""
+    from data_prep.io import atomic_path
+
+    if settings.n < 1:
+        raise UserError(f"--n {settings.n}: ask for at least one image")
+    for side in (settings.height, settings.width):
+        if side is not None and side % 8:
+            raise UserError(f"--height/--width {side}: must be a multiple of 8")
+    out = Path(out)
+    if pipe is None:
+        pipe = load_pipeline(model)
+    set_scheduler(pipe, settings.scheduler)
+    apply_embeddings(pipe, settings.embeddings)
+    apply_loras(pipe, settings.loras)
+    seeds = [settings.seed + i for i in range(settings.n)]
+    rows = render(pipe, settings.prompts, seeds, settings.steps, settings.guidance, settings.negative_prompt,
+                  settings.height, settings.width)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for prompt, row in zip(settings.prompts, rows):
+        for seed, array in zip(seeds, row):
+            path = out / f"{_slug(prompt)}_{seed}.png"
+            with atomic_path(path) as tmp:
+                to_image(array, settings.grayscale).save(tmp, format="PNG")
+            written.append(path)
+    record = {"model": model, **asdict(settings), "files": [p.name for p in written]}
+    (out / "generation.json").write_text(json.dumps(record, indent=2))
+    return written
