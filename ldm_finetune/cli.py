@@ -154,6 +154,30 @@ def _demo(args: argparse.Namespace) -> None:
           f"data_dir='{out / 'dataset'}'))")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from ldm_finetune.train import run_from_args
+
+    run_from_args(args)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from ldm_finetune.generate import GenerateSettings, generate, parse_lora_arg
+
+    settings = GenerateSettings(
+        prompts=args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        negative_prompt=args.negative_prompt, scheduler=args.scheduler, height=args.height, width=args.width,
+        grayscale=args.grayscale, loras=[parse_lora_arg(x) for x in args.lora or []], embeddings=args.embedding or [])
+    written = generate(args.model, settings, args.out)
+    print(f"{len(written)} images written to {args.out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from ldm_finetune.lora import export_kohya
+
+    out = export_kohya(args.lora, args.out)
+    print(f"kohya / A1111 / ComfyUI LoRA written to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldm-finetune",
@@ -222,6 +246,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
     p.set_defaults(func=_tiny_model)
 
+    p = sub.add_parser("train", help="train a recipe (same code as accelerate launch -m ldm_finetune.train)",
+                       description="Train a recipe YAML from recipes/ in this process (CPU or one GPU). For mixed "
+                       "precision on several GPUs use: accelerate launch -m ldm_finetune.train CONFIG [KEY=VALUE ...]")
+    p.add_argument("config", type=Path, metavar="CONFIG.yaml", help="recipe YAML, e.g. recipes/lora.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides parsed as YAML scalars, e.g. train.max_steps=10 data.resolution=64")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="generate images from prompts with a base model, LoRAs and embeddings",
+                       description="Generate images: OUT/<prompt>_<seed>.png for each prompt and seed SEED..SEED+N-1, "
+                       "plus OUT/generation.json with every setting. A LoRA that does not fit the model is an error.")
+    p.add_argument("--model", required=True, metavar="M", help="base model: local diffusers folder or hub id")
+    p.add_argument("--lora", action="append", metavar="FILE_OR_DIR[:SCALE]",
+                   help="LoRA file or training output folder, optional scale (default 1.0); repeatable")
+    p.add_argument("--embedding", action="append", metavar="FILE",
+                   help="Textual Inversion .safetensors (diffusers or A1111 layout); repeatable")
+    p.add_argument("--prompt", action="append", required=True, metavar="P", help="prompt (repeatable)")
+    p.add_argument("--negative-prompt", default="", metavar="N")
+    p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses SEED+i (default 0)")
+    p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--scheduler", metavar="NAME",
+                   help="ddim, ddpm, pndm, euler, euler_a, dpm++ or unipc (default: the model's own)")
+    p.add_argument("--height", type=int, help="image height in px, a multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in px, a multiple of 8 (default: the model's)")
+    p.add_argument("--grayscale", action="store_true", help="save single-channel PNGs (CT slices are grey)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("export", help="convert a trained LoRA to the kohya / A1111 / ComfyUI layout",
+                       description="Write LORA (a pytorch_lora_weights.safetensors or its folder) in the kohya layout "
+                       "(lora_unet_* keys with explicit alpha) that A1111, ComfyUI and kohya tools load; the training "
+                       "metadata is kept in the header.")
+    p.add_argument("lora", metavar="LORA", help="diffusers-layout LoRA file or training output folder")
+    p.add_argument("--format", choices=["kohya"], default="kohya", help="target layout (kohya)")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic data",
                        description="The main job on the built-in default, no GPU, network or private data needed: "
                        "synthetic woven-composite volumes -> captioned train/validation dataset.")
@@ -235,8 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args that also accepts KEY=VALUE overrides after flags (`train CONFIG --dry-run a.b=1`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_overrides(build_parser(), argv)
     return run_guarded(args.func, args)
 
 

@@ -118,8 +118,10 @@ class CaptionedImages(torch.utils.data.Dataset):
         index = i % len(self.records)
         item = {"index": index, "caption": self.records[index].caption}
         if self.load_pixels:
-            # augmentation randomness from torch's RNG, so it is seeded and restored on resume like the rest
-            rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+            rng = None
+            if self.random_flip or not self.center_crop:
+                # augmentation randomness from torch's RNG, so it is seeded and restored on resume like the rest
+                rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
             item["pixel_values"] = self.pixels(index, rng)
         return item
 
@@ -177,7 +179,10 @@ def sample_latents(moments: torch.Tensor, scaling_factor: float) -> torch.Tensor
     """A latent drawn from cached (mean, logvar) moments, scaled like SD's training latents: (B, 4, h, w)."""
     mean, logvar = torch.chunk(moments, 2, dim=1)
     std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # the clamp diffusers' posterior applies
-    return (mean + std * torch.randn_like(mean)) * scaling_factor
+    # randn of the shape, not randn_like: the chunk is a strided view, and randn_like would lay the same draws out
+    # in another order than diffusers' posterior sampling does
+    sample = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+    return (mean + std * sample) * scaling_factor
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

@@ -68,9 +68,10 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
     """A StableDiffusionPipeline from a local folder or hub id, with a clear error offline."""
     from diffusers import StableDiffusionPipeline
 
-    from ldm_finetune.models import check_model_source
+    from ldm_finetune.models import check_model_source, quiet_loading
 
     source = check_model_source(model, key="--model")
+    quiet_loading()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     try:

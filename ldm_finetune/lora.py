@@ -211,3 +211,24 @@ def check_lora_fits(weights: dict[str, torch.Tensor], pipe, source: str) -> None
     if mismatched:
         raise UserError(f"{source}: {len(mismatched)} of {len(modules)} LoRA modules have the wrong width "
                         f"(first: {mismatched[0]}){hint}")
+
+
+def export_kohya(source: str | Path, out: str | Path) -> Path:
+    """`ldm-finetune export LORA --format kohya --out FILE`: one file A1111 / ComfyUI / kohya tools load."""
+    from data_prep.io import atomic_path
+
+    file = lora_file(source)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: the kohya file must end in .safetensors")
+    if out.resolve() == file.resolve():
+        raise UserError(f"--out {out}: would overwrite the source LoRA; choose another name")
+    weights, metadata = read_lora(file)
+    if any(k.startswith(tuple(_KOHYA_PREFIX.values())) for k in weights):
+        raise UserError(f"{file}: already in the kohya layout")
+    adapter_metadata = json.loads(metadata.get(DIFFUSERS_METADATA_KEY, "{}"))
+    kohya = to_kohya(weights, adapter_metadata)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        save_file(kohya, str(tmp), metadata=kohya_header(metadata, weights))
+    return out

@@ -116,6 +116,15 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def quiet_loading() -> None:
+    """No per-file progress bars while loading weights: they bury the one line that matters on errors."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def check_model_source(pretrained: str, key: str = "model.pretrained") -> str:
     """A local diffusers folder (checked) or a hub id, as the string diffusers' from_pretrained takes."""
     path = Path(pretrained).expanduser()
@@ -135,6 +144,7 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = check_model_source(pretrained)
+    quiet_loading()
     kw = dict(revision=revision)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)

@@ -83,7 +83,7 @@ def write_model_card(folder: Path, cfg, header: dict[str, str], trigger_words: l
              f"# {Path(cfg.output_dir).name}", "",
              f"A `{cfg.recipe}` adapter for `{base}` trained with ldm_finetune on X-ray tomography slices of a "
              f"3D-woven composite ({header['ldm_finetune.global_step']} steps at {cfg.data.resolution} px).", "",
-             "## Trigger words", ""]
+             "## Trigger prompts (the training captions)", ""]
     lines += [f"- `{w}`" for w in trigger_words] or ["(none)"]
     lines += ["", "## Use it", "", "```python", "from diffusers import StableDiffusionPipeline", "",
               f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',

@@ -264,6 +264,10 @@ def train(cfg: RecipeConfig) -> Path:
     from ldm_finetune.data import CaptionedImages, collate
     from ldm_finetune.models import load_components
 
+    # a second run in the same process (tests, the demo) may ask for another precision: start from a clean state
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         mixed_precision=cfg.train.mixed_precision,
@@ -355,6 +359,7 @@ def train(cfg: RecipeConfig) -> Path:
             mean_loss = accelerator.gather(torch.stack(micro_losses).mean()[None]).mean().item()
             micro_losses.clear()
             if not math.isfinite(mean_loss):
+                progress.close()
                 raise TrainingStopped(
                     f"loss became {mean_loss} at step {global_step}; stopped without saving. Last good checkpoint: "
                     f"{last_checkpoint or 'none'}. Try a lower train.learning_rate, train.max_grad_norm, or "
@@ -437,7 +442,9 @@ def run_from_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_guarded(run_from_args, build_parser().parse_args(argv))
+    from ldm_finetune.cli import parse_with_overrides
+
+    return run_guarded(run_from_args, parse_with_overrides(build_parser(), argv))
 
 
 if __name__ == "__main__":

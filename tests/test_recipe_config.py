@@ -1,0 +1,89 @@
+"""Recipe YAMLs: every file in recipes/ validates, follows the conventions, and bad configs fail before any model
+loads with a one-line message naming the key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ldm_finetune.config import load_config
+from ldm_finetune.errors import UserError
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+LORA = Path(__file__).parent.parent / "recipes" / "lora.yaml"
+
+
+def test_there_are_recipes():
+    assert LORA in RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates_and_documents_itself(path):
+    cfg = load_config(path)
+    assert cfg.output_dir and cfg.model.pretrained and cfg.data.train_dir
+    lines = path.read_text().splitlines()
+    assert re.match(rf"# accelerate launch -m ldm_finetune\.train recipes/{path.name}$", lines[0]), lines[0]
+    # torchtune's convention: every key has a short comment (list items belong to a commented key)
+    for number, line in enumerate(lines, 1):
+        if re.match(r"^\s*[A-Za-z_0-9]+:", line) and not re.match(r"^[a-z_]+:\s*$", line):
+            assert "#" in line, f"{path.name}:{number}: key without a comment: {line.strip()}"
+
+
+def test_lora_recipe_keeps_the_study_settings():
+    cfg = load_config(LORA)
+    assert cfg.recipe == "lora" and cfg.noise.offset == 0.1
+    assert cfg.lora.targets == ["attention"] and cfg.lora.unet_modules() == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert cfg.model.pretrained == "stabilityai/stable-diffusion-2-1-base" and cfg.data.resolution == 512
+
+
+def test_overrides_are_yaml_scalars():
+    cfg = load_config(LORA, ["train.max_steps=7", "train.learning_rate=3e-5", "train.mixed_precision=no",
+                             "validation.prompts=[a, b]", "checkpoint.resume=null", "lora.text_encoder=true"])
+    assert cfg.train.max_steps == 7 and cfg.train.learning_rate == 3e-5 and cfg.train.mixed_precision == "no"
+    assert cfg.validation.prompts == ["a", "b"] and cfg.checkpoint.resume is None
+    assert cfg.text_encoder_trains and not cfg.caches_text  # a trained text encoder is never cached
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.max_step=3"], "unknown config key 'train.max_step' (did you mean 'max_steps'?)"),
+    (["lora.rnak=4"], "did you mean 'rank'"),
+    (["train.batch_size=two"], "train.batch_size: expected an integer"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision: 'fp8' is not one of"),
+    (["lora.rank=0"], "lora.rank: 0 must be > 0"),
+    (["data.resolution=100"], "data.resolution: 100 must be a multiple of 8"),
+    (["train.epochs=3"], "set exactly one of train.max_steps and train.epochs"),
+    (["noise.zero_terminal_snr=true"], "set model.prediction_type=v_prediction"),
+    (["data.random_flip=true"], "data.cache_latents needs the same pixels every epoch"),
+    (["lora.targets=[attention, mlp]"], "lora.targets[1]: 'mlp' is not one of"),
+    (["recipe=lorra"], "did you mean 'lora'"),
+    (["train.max_steps"], "is not of the form key.sub=value"),
+])
+def test_bad_configs_name_the_key(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(LORA, overrides)
+
+
+def test_cli_config_error_is_one_line_exit_2_and_writes_nothing(tmp_path, run_cli):
+    code, out, err = run_cli("train", LORA, f"output_dir={tmp_path / 'run'}", "train.lerning_rate=1")
+    assert code == 2 and err.count("\n") == 1 and "did you mean 'learning_rate'" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path, run_cli):
+    code, out, err = run_cli("train", LORA, "--dry-run", "train.max_steps=11", f"output_dir={tmp_path / 'r'}")
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    assert resolved["train"]["max_steps"] == 11 and resolved["noise"]["offset"] == 0.1
+    assert resolved["lora"]["rank"] == 16 and not (tmp_path / "r").exists()
+
+
+def test_missing_or_malformed_config_file(tmp_path, run_cli):
+    code, _, err = run_cli("train", tmp_path / "nope.yaml")
+    assert code == 2 and "config file not found" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipe: lora\n  model: [\n")
+    code, _, err = run_cli("train", bad)
+    assert code == 2 and "is not valid YAML" in err
