@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,6 +279,11 @@ def train(cfg: RecipeConfig) -> Path:
         # a seeded sampler whose order depends only on (seed, epoch): resuming replays the same data order
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise UserError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: each "
+                        "would train alone and overwrite the others' files. On CPU-only machines launch with "
+                        "`accelerate launch --cpu` or set ACCELERATE_USE_CPU=true")
     set_seed(cfg.seed, device_specific=True)  # different noise per process, reproducible per run
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -335,6 +342,7 @@ def train(cfg: RecipeConfig) -> Path:
     progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process)
     last_checkpoint = resume_from
     log_path = cfg.output_dir / "metrics.jsonl"
+    started = time.time()
     first_epoch = global_step // per_epoch
     micro_losses = []  # the losses of this optimizer step's micro-batches
     for epoch in range(first_epoch, math.ceil(max_steps / per_epoch)):
@@ -371,7 +379,8 @@ def train(cfg: RecipeConfig) -> Path:
                 accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=global_step)
             if accelerator.is_main_process:
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": global_step, "loss": mean_loss, "lr": lr}) + "\n")
+                    f.write(json.dumps({"step": global_step, "loss": mean_loss, "lr": lr,
+                                        "time": round(time.time() - started, 3)}) + "\n")
             if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0:
                 last_checkpoint = save_checkpoint(accelerator, cfg.output_dir / "checkpoints", global_step,
                                                   {"epoch": epoch}, cfg.checkpoint.total_limit)
