@@ -178,6 +178,14 @@ def _export(args: argparse.Namespace) -> None:
     print(f"kohya / A1111 / ComfyUI LoRA written to {out}")
 
 
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `ldm-finetune train` and `python -m ldm_finetune.train` (one definition for both)."""
+    parser.add_argument("config", type=Path, metavar="CONFIG.yaml", help="recipe YAML, e.g. recipes/lora.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides parsed as YAML scalars, e.g. train.max_steps=10 data.resolution=64")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldm-finetune",
@@ -249,10 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe (same code as accelerate launch -m ldm_finetune.train)",
                        description="Train a recipe YAML from recipes/ in this process (CPU or one GPU). For mixed "
                        "precision on several GPUs use: accelerate launch -m ldm_finetune.train CONFIG [KEY=VALUE ...]")
-    p.add_argument("config", type=Path, metavar="CONFIG.yaml", help="recipe YAML, e.g. recipes/lora.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides parsed as YAML scalars, e.g. train.max_steps=10 data.resolution=64")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    add_train_arguments(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("generate", help="generate images from prompts with a base model, LoRAs and embeddings",

@@ -431,14 +431,13 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def build_parser(prog: str = "python -m ldm_finetune.train") -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    from ldm_finetune.cli import add_train_arguments
+
     parser = argparse.ArgumentParser(
-        prog=prog, description="Train a recipe (one YAML from recipes/). Launch with `accelerate launch -m "
-        "ldm_finetune.train CONFIG ...` for mixed precision on GPUs and multi-GPU (DDP).")
-    parser.add_argument("config", type=Path, help="recipe YAML, e.g. recipes/lora.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides parsed as YAML scalars, e.g. train.max_steps=10 data.resolution=64")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        prog="python -m ldm_finetune.train", description="Train a recipe (one YAML from recipes/). Launch with "
+        "`accelerate launch -m ldm_finetune.train CONFIG ...` for mixed precision on GPUs and multi-GPU (DDP).")
+    add_train_arguments(parser)
     return parser
 
 
