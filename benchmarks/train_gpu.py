@@ -36,6 +36,7 @@ def build_run(preset: str, args, device: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from ldm_finetune.adapters import make_adapter
     from ldm_finetune.config import load_config
     from ldm_finetune.models import Components, build_pipeline
     from ldm_finetune.train import Run, build_noise_scheduler, prepare_models
@@ -52,7 +53,8 @@ def build_run(preset: str, args, device: str):
     components = Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
                             DDPMScheduler.from_config(pipe.scheduler.config))
     weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    prepare_models(cfg, components, weight_dtype, accelerator.device)
+    adapter = make_adapter(cfg)
+    prepare_models(cfg, components, adapter, weight_dtype, accelerator.device)
     unet = accelerator.prepare(components.unet)
     side = args.resolution // 8
     n = 64  # cached latent moments of 64 "images"; their values do not change the cost
@@ -62,7 +64,7 @@ def build_run(preset: str, args, device: str):
     components.vae.to("cpu")
     components.text_encoder.to("cpu")
     run = Run(cfg, accelerator, components, build_noise_scheduler(cfg, components.noise_scheduler), unet,
-              components.text_encoder, weight_dtype, torch.float32, moments, text_cache)
+              components.text_encoder, weight_dtype, torch.float32, moments, text_cache, adapter)
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
     return run, optimizer
 
@@ -75,7 +77,7 @@ def measure(preset: str, args, device: str) -> dict:
 
     def step():
         with run.accelerator.autocast():
-            loss = training_step(run, batch).mean()
+            loss = training_step(run, batch)
         run.accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

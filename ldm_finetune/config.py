@@ -40,6 +40,24 @@ class ModelConfig:
 
 
 @dataclass
+class Concept:
+    """A group of training images with its own prompt: a DreamBooth instance set, or a Textual Inversion token."""
+    select: dict[str, str] = field(default_factory=dict)  # metadata filters on data.train_dir, e.g. {state: dry}
+    num_images: Optional[int] = None  # keep this many, spread evenly over the cuts (null: all that match)
+    instance_dir: Optional[Path] = None  # a folder of images instead of data.train_dir rows
+    caption: Optional[str] = None  # prompt for these images; {token} is the placeholder (null: metadata caption)
+    token: Optional[str] = None  # Textual Inversion placeholder, e.g. "<dry-slice>"
+    initializer: Optional[str] = None  # Textual Inversion: a word (one token) whose embedding starts the new one
+    class_prompt: Optional[str] = None  # DreamBooth prior: prompt of the class images ("a texture")
+    class_dir: Optional[Path] = None  # DreamBooth prior: folder of class images (generated there when missing)
+
+    def __post_init__(self):
+        _positive("num_images", self.num_images)
+        if self.instance_dir is not None and self.select:
+            raise UserError("a concept takes either select (rows of data.train_dir) or instance_dir, not both")
+
+
+@dataclass
 class DataConfig:
     train_dir: Path  # a prep output's train/ folder, or any image folder with metadata.jsonl
     resolution: int = 512  # images are resized (shorter side) then cropped to this square size
@@ -51,6 +69,7 @@ class DataConfig:
     cache_latents: Literal["none", "memory", "disk"] = "none"  # encode every image with the VAE once
     cache_text: bool = True  # encode each caption once (only when the text encoder is frozen)
     num_workers: int = 0  # dataloader worker processes
+    concepts: list[Concept] = field(default_factory=list)  # empty: every image with its own caption
 
     def __post_init__(self):
         if self.resolution % 8 or self.resolution < 16:
@@ -84,6 +103,53 @@ class LoraConfig:
 
     def unet_modules(self) -> list[str]:
         return [name for group in self.targets for name in LORA_TARGETS[group]]
+
+
+@dataclass
+class FullConfig:
+    train_text_encoder: bool = False  # also fine-tune the CLIP text encoder
+    text_encoder_lr: Optional[float] = None  # default: train.learning_rate
+    ema: bool = True  # keep an exponential moving average of the UNet weights; it is what gets exported
+    ema_decay: float = 0.9999  # with warm-up: decay_t = min(ema_decay, (1 + t) / (10 + t))
+    ema_on_cpu: bool = False  # keep the average in CPU memory (saves one UNet of GPU memory, slower steps)
+
+    def __post_init__(self):
+        if not 0 < self.ema_decay < 1:
+            raise UserError(f"full.ema_decay: {self.ema_decay} must be in (0, 1)")
+
+
+@dataclass
+class TextualInversionConfig:
+    num_vectors: int = 1  # embedding vectors per placeholder token (more: more capacity, prompts get longer)
+
+    def __post_init__(self):
+        _positive("textual_inversion.num_vectors", self.num_vectors)
+
+
+@dataclass
+class PivotalConfig:
+    ti_steps: int = 500  # steps of the Textual Inversion phase; the LoRA phase takes the rest of train.max_steps
+    embedding_lr: float = 5e-3  # learning rate of the new embeddings in the first phase
+
+    def __post_init__(self):
+        _positive("pivotal.ti_steps", self.ti_steps)
+        _positive("pivotal.embedding_lr", self.embedding_lr)
+
+
+@dataclass
+class DreamBoothConfig:
+    prior_preservation: bool = True  # add the class-prior loss (Ruiz et al. 2023) against language drift
+    prior: Literal["generate", "folder", "base_model"] = "generate"  # class images: made by the base model,
+    # the user's own folder, or none (the frozen base model's prediction on the class prompt is the target)
+    num_class_images: int = 200  # class images per concept (generate: only the missing ones are made)
+    prior_loss_weight: float = 1.0  # lambda in loss = instance + lambda * prior
+    class_steps: int = 30  # sampling steps when generating class images
+    class_guidance: float = 7.5  # guidance scale when generating class images
+    min_instance_images: int = 3  # fewer instance images than this is an error
+
+    def __post_init__(self):
+        _positive("dreambooth.num_class_images", self.num_class_images)
+        _positive("dreambooth.prior_loss_weight", self.prior_loss_weight, allow_zero=True)
 
 
 @dataclass
@@ -168,13 +234,17 @@ class LoggingConfig:
 
 @dataclass
 class RecipeConfig:
-    recipe: Literal["lora"]  # what trains
+    recipe: Literal["lora", "full", "textual_inversion", "pivotal"]  # what trains
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
     output_dir: Path
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
+    full: FullConfig = field(default_factory=FullConfig)
+    textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
+    pivotal: PivotalConfig = field(default_factory=PivotalConfig)
+    dreambooth: Optional[DreamBoothConfig] = None  # set: the DreamBooth objective (instance + class prior)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -184,15 +254,59 @@ class RecipeConfig:
         if self.noise.zero_terminal_snr and self.model.prediction_type != "v_prediction":
             raise UserError("noise.zero_terminal_snr: the last timestep has no signal, so epsilon cannot be "
                             "learned there; set model.prediction_type=v_prediction too")
+        if self.recipe in ("textual_inversion", "pivotal"):
+            self._check_tokens()
+        if self.dreambooth is not None:
+            self._check_dreambooth()
+        if self.recipe == "pivotal" and self.train.max_steps is not None and \
+                self.pivotal.ti_steps >= self.train.max_steps:
+            raise UserError(f"pivotal.ti_steps: {self.pivotal.ti_steps} leaves no LoRA phase within "
+                            f"train.max_steps={self.train.max_steps}")
+
+    def _check_tokens(self):
+        if not self.data.concepts:
+            raise UserError(f"recipe {self.recipe} needs data.concepts, each with a token and an initializer")
+        tokens = []
+        for i, c in enumerate(self.data.concepts):
+            if not c.token or not c.initializer:
+                raise UserError(f"data.concepts[{i}]: Textual Inversion needs token (e.g. '<dry-slice>') and "
+                                "initializer (a word such as 'dry')")
+            if c.caption and "{token}" not in c.caption:
+                raise UserError(f"data.concepts[{i}].caption: {c.caption!r} must contain {{token}}")
+            tokens.append(c.token)
+        if len(set(tokens)) != len(tokens):
+            raise UserError(f"data.concepts: placeholder tokens must differ (got {tokens})")
+
+    def _check_dreambooth(self):
+        db = self.dreambooth
+        if self.recipe not in ("lora", "full"):
+            raise UserError(f"dreambooth: the DreamBooth objective needs recipe lora or full, not {self.recipe}")
+        if not self.data.concepts:
+            raise UserError("dreambooth: list the instance sets in data.concepts (select or instance_dir, caption)")
+        if not db.prior_preservation:
+            return
+        for i, c in enumerate(self.data.concepts):
+            if db.prior in ("generate", "base_model") and not c.class_prompt:
+                raise UserError(f"data.concepts[{i}]: prior preservation ({db.prior}) needs class_prompt "
+                                "(e.g. 'a texture'), or set dreambooth.prior_preservation=false")
+            if db.prior == "folder" and c.class_dir is None:
+                raise UserError(f"data.concepts[{i}]: dreambooth.prior=folder needs class_dir, or use "
+                                "dreambooth.prior=generate / base_model")
 
     @property
     def text_encoder_trains(self) -> bool:
-        return self.recipe == "lora" and self.lora.text_encoder
+        return ((self.recipe == "lora" and self.lora.text_encoder)
+                or (self.recipe == "full" and self.full.train_text_encoder)
+                or self.recipe in ("textual_inversion", "pivotal"))
 
     @property
     def caches_text(self) -> bool:
         # a trained text encoder changes the embeddings every step, so they are cached only when it is frozen
         return self.data.cache_text and not self.text_encoder_trains
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.recipe in ("lora", "pivotal")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,14 @@ from ldm_finetune.configtools import closest
 from ldm_finetune.errors import UserError
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"}
+
+
 @dataclass(frozen=True)
 class Record:
     path: Path
     caption: str
+    meta: dict = field(default_factory=dict, compare=False)  # the metadata.jsonl row (state, orientation, ...)
 
 
 def read_records(folder: Path, caption_column: str = "text") -> list[Record]:
@@ -48,13 +52,68 @@ def read_records(folder: Path, caption_column: str = "text") -> list[Record]:
         if caption_column not in row:
             raise UserError(f"{meta}:{number}: no caption column {caption_column!r}{closest(caption_column, row)}; "
                             "set data.caption_column")
-        records.append(Record(folder / row["file_name"], str(row[caption_column])))
+        records.append(Record(folder / row["file_name"], str(row[caption_column]), row))
     if not records:
         raise UserError(f"data.train_dir: {meta} lists no images")
     missing = [r.path for r in records if not r.path.is_file()]
     if missing:
         raise UserError(f"data.train_dir: {len(missing)} images in {meta} are missing (first: {missing[0]})")
     return records
+
+
+def image_folder_records(folder: Path, caption: str, what: str) -> list[Record]:
+    """Every image of a plain folder, with one caption (DreamBooth instance or class folders)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what}: {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES and p.suffix != ".json"
+              and p.name != "metadata.jsonl"]
+    if others:
+        raise UserError(f"{what}: {folder} holds files that are not images (first: {others[0]}); "
+                        "keep only images there")
+    return [Record(p, caption) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def select_records(records: list[Record], select: dict[str, str], num_images: int | None,
+                   spread_by: str = "orientation") -> list[Record]:
+    """Rows matching every `select` key; with `num_images`, that many spread evenly over the `spread_by` groups
+    (e.g. 9 images of a state = 3 per cut, as in the study) and evenly along each group's slice order."""
+    chosen = [r for r in records if all(str(r.meta.get(k)) == str(v) for k, v in select.items())]
+    if not chosen:
+        detail = "; ".join(f"{k} has {sorted({str(r.meta.get(k)) for r in records})}" for k in select)
+        raise UserError(f"data.concepts: no image matches {select} ({detail})")
+    if num_images is None or num_images >= len(chosen):
+        return chosen
+    groups: dict[str, list[Record]] = {}
+    for r in chosen:
+        groups.setdefault(str(r.meta.get(spread_by)), []).append(r)
+    names = sorted(groups)
+    quota = {n: num_images // len(names) + (i < num_images % len(names)) for i, n in enumerate(names)}
+    picked = []
+    for name in names:
+        group, k = groups[name], min(quota[name], len(groups[name]))
+        picked += [group[int(j)] for j in np.linspace(0, len(group) - 1, k).round().astype(int)] if k else []
+    return picked
+
+
+def concept_records(records: list[Record] | None, concepts, expand_token=lambda t: t) -> list[Record]:
+    """The training set of a concepts list: each concept's images with its caption ({token} filled in)."""
+    out = []
+    for i, c in enumerate(concepts):
+        if c.instance_dir is not None:
+            chosen = image_folder_records(c.instance_dir, c.caption or "", f"data.concepts[{i}].instance_dir")
+        else:
+            chosen = select_records(records, c.select, c.num_images)
+        if c.caption is not None:
+            caption = c.caption.replace("{token}", expand_token(c.token)) if c.token else c.caption
+            chosen = [replace(r, caption=caption) for r in chosen]
+        elif c.token:
+            chosen = [replace(r, caption=r.caption.replace(c.token, expand_token(c.token))) for r in chosen]
+        if not chosen or not all(r.caption for r in chosen):
+            raise UserError(f"data.concepts[{i}]: no images, or images without a caption (set caption)")
+        out += [replace(r, meta=dict(r.meta, concept=i, class_prompt=c.class_prompt)) for r in chosen]
+    return out
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -116,7 +175,10 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         index = i % len(self.records)
-        item = {"index": index, "caption": self.records[index].caption}
+        record = self.records[index]
+        item = {"index": index, "caption": record.caption}
+        if "prior_prompt" in record.meta:
+            item["prior_prompt"] = record.meta["prior_prompt"]
         if self.load_pixels:
             rng = None
             if self.random_flip or not self.center_crop:
@@ -126,10 +188,32 @@ class CaptionedImages(torch.utils.data.Dataset):
         return item
 
 
+class PairedImages(torch.utils.data.Dataset):
+    """DreamBooth with prior preservation: every instance item comes with a class item (keys prefixed class_)."""
+
+    def __init__(self, instance: CaptionedImages, prior: CaptionedImages):
+        self.instance, self.prior = instance, prior
+
+    def __len__(self) -> int:
+        return max(len(self.instance), len(self.prior))
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.instance[i % len(self.instance)])
+        item.update({f"class_{k}": v for k, v in self.prior[i % len(self.prior)].items()})
+        return item
+
+
 def collate(items: list[dict]) -> dict:
-    batch = {"index": torch.tensor([it["index"] for it in items]), "caption": [it["caption"] for it in items]}
-    if "pixel_values" in items[0]:
-        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])  # (B, 3, R, R)
+    """Tensors stacked (pixel_values: (B, 3, R, R)), indices as a tensor, strings as lists."""
+    batch = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
     return batch
 
 

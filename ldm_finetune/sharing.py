@@ -71,8 +71,22 @@ def training_header(cfg, base: dict[str, str], captions: list[str], trigger_word
     return header
 
 
+def usage_lines(recipe: str, base: str, prompt: str) -> list[str]:
+    """The few lines of diffusers code that use this recipe's output."""
+    load = ["from diffusers import StableDiffusionPipeline", ""]
+    if recipe == "full":
+        return load + ['pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder/pipeline")',
+                       f'image = pipe("{prompt}").images[0]']
+    load.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base}")')
+    if recipe in ("textual_inversion", "pivotal"):
+        load.append('pipe.load_textual_inversion("path/to/this/folder/embeddings/NAME.safetensors")  # each token')
+    if recipe in ("lora", "pivotal"):
+        load.append('pipe.load_lora_weights("path/to/this/folder")')
+    return load + [f'image = pipe("{prompt}").images[0]']
+
+
 def write_model_card(folder: Path, cfg, header: dict[str, str], trigger_words: list[str],
-                     sample_grid: str | None, weight_name: str) -> Path:
+                     sample_grid: str | None, files: list[str]) -> Path:
     """README.md with the Hub's front matter, the trigger words, how to load the file, and the sample grid."""
     base = header["ldm_finetune.base_model"]
     front = {"base_model": base, "library_name": "diffusers", "license": "other",
@@ -85,12 +99,14 @@ def write_model_card(folder: Path, cfg, header: dict[str, str], trigger_words: l
              f"3D-woven composite ({header['ldm_finetune.global_step']} steps at {cfg.data.resolution} px).", "",
              "## Trigger prompts (the training captions)", ""]
     lines += [f"- `{w}`" for w in trigger_words] or ["(none)"]
-    lines += ["", "## Use it", "", "```python", "from diffusers import StableDiffusionPipeline", "",
-              f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
-              f'pipe.load_lora_weights("path/to/this/folder", weight_name="{weight_name}")',
-              f'image = pipe("{trigger_words[0] if trigger_words else "a texture"}").images[0]', "```", "",
-              "For A1111 / ComfyUI: `ldm-finetune export path/to/this/folder --format kohya --out model.safetensors`.",
-              "", "## Training", "", "| setting | value |", "|---|---|"]
+    prompt = trigger_words[0] if trigger_words else "a texture"
+    lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
+    lines += ["", "## Use it", "", "```python"] + usage_lines(cfg.recipe, base, prompt) + ["```", ""]
+    if cfg.recipe in ("lora", "pivotal"):
+        lines += ["For A1111 / ComfyUI: `ldm-finetune export path/to/this/folder --format kohya --out "
+                  "model.safetensors`" + (" (or use `pivotal_combined.safetensors`)." if cfg.recipe == "pivotal"
+                                          else "."), ""]
+    lines += ["## Training", "", "| setting | value |", "|---|---|"]
     rows = {"base model sha256": header.get("ldm_finetune.base_model_sha256", "-"),
             "prediction type": header["ldm_finetune.prediction_type"],
             "dataset manifest sha256": header.get("ldm_finetune.dataset_manifest_sha256", "-"),

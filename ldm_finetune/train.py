@@ -61,6 +61,8 @@ class Run:
     vae_dtype: object  # the VAE stays fp32 under fp16: its decoder overflows in half precision
     latent_moments: object  # (N, 8, h, w) cached VAE posteriors, or None
     text_cache: dict | None  # caption -> (77, D) hidden states, or None
+    adapter: object = None  # what trains (adapters.py)
+    class_moments: object = None  # cached posteriors of the DreamBooth class images, or None
 
 
 def build_noise_scheduler(cfg: RecipeConfig, base_scheduler):
@@ -91,39 +93,66 @@ def encoder_hidden_states(run: Run, captions: list[str]):
     return run.text_encoder(ids)[0]  # (B, 77, D)
 
 
-def training_step(run: Run, batch: dict):
-    """Per-sample diffusion loss (B,) for one batch: encode, add noise, predict, compare."""
+def batch_latents(run: Run, batch: dict, prefix: str = ""):
+    """(B, 4, R/8, R/8) latents of the batch's images (or of its class images, prefix "class_")."""
     import torch
 
     from ldm_finetune.data import sample_latents
-    from ldm_finetune.noise import diffusion_loss, perturb_noise, sample_noise, training_target
 
-    cfg, vae = run.cfg, run.components.vae
-    scaling = vae.config.scaling_factor
-    if run.latent_moments is not None:
-        latents = sample_latents(run.latent_moments[batch["index"].cpu()], scaling)
+    moments = run.class_moments if prefix else run.latent_moments
+    scaling = run.components.vae.config.scaling_factor
+    if moments is not None:
+        latents = sample_latents(moments[batch[prefix + "index"].cpu()], scaling)
     else:
+        pixels = batch[prefix + "pixel_values"].to(run.accelerator.device, run.vae_dtype)
         with torch.no_grad():
-            latents = vae.encode(batch["pixel_values"].to(run.accelerator.device, run.vae_dtype)).latent_dist
-            latents = latents.sample() * scaling
-    latents = latents.to(run.accelerator.device, run.weight_dtype)  # (B, 4, R/8, R/8)
+            latents = run.components.vae.encode(pixels).latent_dist.sample() * scaling
+    return latents.to(run.accelerator.device, run.weight_dtype)
+
+
+def training_step(run: Run, batch: dict):
+    """The loss of one batch: encode, add noise, predict, compare; plus DreamBooth's prior term when it is on."""
+    import torch
+
+    from ldm_finetune.noise import diffusion_loss, perturb_noise, sample_noise, training_target
+    from ldm_finetune.objectives import prior_preservation_loss
+
+    cfg = run.cfg
+    latents, captions = batch_latents(run, batch), list(batch["caption"])
+    n_instance = latents.shape[0]
+    if "class_index" in batch:  # DreamBooth with class images: instance and class halves in one forward pass
+        latents = torch.cat([latents, batch_latents(run, batch, "class_")])
+        captions += batch["class_caption"]
     noise = sample_noise(latents, cfg.noise.offset)
     timesteps = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device).long()
     noisy_latents = run.noise_scheduler.add_noise(latents, perturb_noise(noise, cfg.noise.input_perturbation),
                                                   timesteps)
     target = training_target(run.noise_scheduler, latents, noise, timesteps)
-    states = encoder_hidden_states(run, batch["caption"])
+    model_pred = run.unet(noisy_latents, timesteps, encoder_hidden_states(run, captions), return_dict=False)[0]
+    per_sample = diffusion_loss(model_pred, target, timesteps, run.noise_scheduler, cfg.noise.min_snr_gamma)
+    db = cfg.dreambooth
+    if db is None or not db.prior_preservation:
+        return per_sample.mean()
+    if db.prior == "base_model":
+        prior = base_model_prior_loss(run, noisy_latents, timesteps, batch["prior_prompt"])
+        return per_sample.mean() + db.prior_loss_weight * prior
+    return prior_preservation_loss(per_sample, n_instance, db.prior_loss_weight)
+
+
+def base_model_prior_loss(run: Run, noisy_latents, timesteps, class_prompts: list[str]):
+    """Prior without class images: on the class prompt, the model must keep predicting what the frozen base model
+    predicts for the same noisy input (the prior is the base model itself)."""
+    import torch
+
+    from ldm_finetune.noise import diffusion_loss
+
+    states = encoder_hidden_states(run, class_prompts)
+    unet = run.accelerator.unwrap_model(run.unet)
+    with torch.no_grad(), run.adapter.base_model(unet):
+        target = unet(noisy_latents, timesteps, states, return_dict=False)[0]
     model_pred = run.unet(noisy_latents, timesteps, states, return_dict=False)[0]
-    return diffusion_loss(model_pred, target, timesteps, run.noise_scheduler, cfg.noise.min_snr_gamma)
-
-
-def trainable_parameter_groups(cfg: RecipeConfig, unet, text_encoder) -> list[dict]:
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.train.learning_rate}]
-    if cfg.text_encoder_trains:
-        lr = cfg.lora.text_encoder_lr or cfg.train.learning_rate
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": lr})
-    return groups
+    return diffusion_loss(model_pred, target, timesteps, run.noise_scheduler, run.cfg.noise.min_snr_gamma).mean()
 
 
 def make_optimizer(cfg: RecipeConfig, groups: list[dict]):
@@ -139,15 +168,13 @@ def make_optimizer(cfg: RecipeConfig, groups: list[dict]):
                            weight_decay=cfg.train.weight_decay)
 
 
-def prepare_models(cfg: RecipeConfig, components, weight_dtype, device):
+def prepare_models(cfg: RecipeConfig, components, adapter, weight_dtype, device):
     """Freeze the base model, attach the adapter, move and cast: frozen weights in weight_dtype, trained in fp32."""
     import torch
 
-    from ldm_finetune.lora import add_lora
-
     for model in (components.vae, components.text_encoder, components.unet):
         model.requires_grad_(False)
-    add_lora(components.unet, components.text_encoder, cfg.lora)
+    adapter.attach(components)
     _move(components.vae, device, torch.float32 if weight_dtype == torch.float16 else weight_dtype)
     _move(components.text_encoder, device, weight_dtype)
     _move(components.unet, device, weight_dtype)
@@ -172,25 +199,29 @@ def _move(model, device, dtype) -> None:
         model.to(dtype=dtype)
 
 
-def build_caches(cfg: RecipeConfig, accelerator, components, dataset, weight_dtype):
-    """Latent moments and caption embeddings computed once (the main process writes the disk cache first)."""
+def build_caches(cfg: RecipeConfig, accelerator, components, datasets: list) -> tuple[list, dict | None]:
+    """Latent moments per dataset (instance, DreamBooth class) and caption embeddings, computed once; the main
+    process writes a disk cache before the others read it."""
     import torch
 
     from ldm_finetune.data import cache_key, encode_captions, encode_latent_moments, load_or_encode_latents
 
-    moments = text_cache = None
+    moments, text_cache = [None] * len(datasets), None
     device = accelerator.device
     if cfg.data.cache_latents != "none":
-        key = cache_key(dataset.records, cfg.data.resolution, cfg.model.pretrained)
-        path = cfg.output_dir / "cache" / f"latents-{key}.safetensors" if cfg.data.cache_latents == "disk" else None
         vae_dtype = next(components.vae.parameters()).dtype
-        with accelerator.main_process_first():
-            moments = load_or_encode_latents(
-                path, lambda: encode_latent_moments(components.vae, dataset, 16, device, vae_dtype))
+        for i, dataset in enumerate(datasets):
+            key = cache_key(dataset.records, cfg.data.resolution, cfg.model.pretrained)
+            path = (cfg.output_dir / "cache" / f"latents-{key}.safetensors" if cfg.data.cache_latents == "disk"
+                    else None)
+            with accelerator.main_process_first():
+                moments[i] = load_or_encode_latents(
+                    path, lambda d=dataset: encode_latent_moments(components.vae, d, 16, device, vae_dtype))
     if cfg.caches_text:
-        captions = [r.caption for r in dataset.records] + [""]
+        captions = [""] + [r.caption for d in datasets for r in d.records]
+        captions += [r.meta["prior_prompt"] for r in datasets[0].records if "prior_prompt" in r.meta]
         text_cache = encode_captions(components.tokenizer, components.text_encoder, captions, device)
-    if moments is not None and cfg.caches_text:
+    if cfg.data.cache_latents != "none" and cfg.caches_text:
         components.vae.to("cpu")  # neither encoder is needed on the accelerator any more
         components.text_encoder.to("cpu")
         if torch.cuda.is_available():
@@ -246,29 +277,28 @@ def resolve_steps(cfg: RecipeConfig, batches_per_epoch: int) -> tuple[int, int]:
     return per_epoch, total
 
 
-def train(cfg: RecipeConfig) -> Path:
-    """Run the recipe; returns the output folder."""
-    check_environment(cfg)
-    from ldm_finetune.data import read_records
+def training_records(cfg: RecipeConfig, expand_token) -> list:
+    """The (image, caption) pairs this run trains on: all of data.train_dir, or the data.concepts selections."""
+    from ldm_finetune.data import concept_records, read_records
 
-    records = read_records(cfg.data.train_dir, cfg.data.caption_column)  # bad data fails before the model loads
-    from ldm_finetune.checkpoints import resolve_resume
+    needs_rows = not cfg.data.concepts or any(c.instance_dir is None for c in cfg.data.concepts)
+    rows = read_records(cfg.data.train_dir, cfg.data.caption_column) if needs_rows else None
+    if not cfg.data.concepts:
+        return rows
+    records = concept_records(rows, cfg.data.concepts, expand_token)
+    if cfg.dreambooth is not None:
+        from ldm_finetune.objectives import check_instance_counts
 
-    resume_from = resolve_resume(cfg.checkpoint.resume, cfg.output_dir / "checkpoints")
+        check_instance_counts(records, cfg)
+    return records
 
-    import torch
+
+def make_accelerator(cfg: RecipeConfig):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    from ldm_finetune.checkpoints import read_state, register_trainable_only_hooks, save_checkpoint
-    from ldm_finetune.data import CaptionedImages, collate
-    from ldm_finetune.models import load_components
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     # a second run in the same process (tests, the demo) may ask for another precision: start from a clean state
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
@@ -284,6 +314,47 @@ def train(cfg: RecipeConfig) -> Path:
         raise UserError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: each "
                         "would train alone and overwrite the others' files. On CPU-only machines launch with "
                         "`accelerate launch --cpu` or set ACCELERATE_USE_CPU=true")
+    return accelerator
+
+
+def build_dataset(cfg: RecipeConfig, records, class_records):
+    """The training dataset; with DreamBooth class images, each item also carries a class image (class_* keys)."""
+    from ldm_finetune.data import CaptionedImages, PairedImages
+
+    load_pixels = cfg.data.cache_latents == "none"
+
+    def images(recs, repeats=1):
+        return CaptionedImages(recs, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip, repeats,
+                               load_pixels=load_pixels)
+
+    instance = images(records, cfg.data.repeats)
+    if not class_records:
+        return instance, [instance]
+    prior = images(class_records)
+    return PairedImages(instance, prior), [instance, prior]
+
+
+def train(cfg: RecipeConfig) -> Path:
+    """Run the recipe; returns the output folder."""
+    check_environment(cfg)
+    from ldm_finetune.adapters import make_adapter
+    from ldm_finetune.checkpoints import resolve_resume
+
+    adapter = make_adapter(cfg)
+    records = training_records(cfg, adapter.expand_token)  # bad data fails before the model loads
+    resume_from = resolve_resume(cfg.checkpoint.resume, cfg.output_dir / "checkpoints")
+
+    import torch
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from ldm_finetune.checkpoints import read_state, register_trainable_only_hooks, save_checkpoint
+    from ldm_finetune.data import collate
+    from ldm_finetune.models import load_components
+    from ldm_finetune.objectives import prepare_class_records
+
+    accelerator = make_accelerator(cfg)
     set_seed(cfg.seed, device_specific=True)  # different noise per process, reproducible per run
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -291,21 +362,22 @@ def train(cfg: RecipeConfig) -> Path:
 
     components = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant)
     noise_scheduler = build_noise_scheduler(cfg, components.noise_scheduler)
-    prepare_models(cfg, components, weight_dtype, accelerator.device)
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         (cfg.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    # DreamBooth class images come from the base model, so they are made before the adapter changes it
+    class_records = prepare_class_records(cfg, accelerator, components, noise_scheduler)
+    records = _with_prior_prompts(cfg, records)
+    prepare_models(cfg, components, adapter, weight_dtype, accelerator.device)
 
-    caching_latents = cfg.data.cache_latents != "none"
-    dataset = CaptionedImages(records, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
-                              cfg.data.repeats, load_pixels=not caching_latents)
-    moments, text_cache = build_caches(cfg, accelerator, components, dataset, weight_dtype)
+    dataset, parts = build_dataset(cfg, records, class_records)
+    moments, text_cache = build_caches(cfg, accelerator, components, parts)
     # the loader's own generator: starting an epoch must not draw from the global RNG that a resume restores
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
                                              collate_fn=collate, num_workers=cfg.data.num_workers,
                                              generator=torch.Generator().manual_seed(cfg.seed))
 
-    groups = trainable_parameter_groups(cfg, components.unet, components.text_encoder)
+    groups = adapter.parameter_groups(components)
     if cfg.train.scale_lr:
         factor = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
         for g in groups:
@@ -316,18 +388,19 @@ def train(cfg: RecipeConfig) -> Path:
     lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.train.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
-    unet, text_encoder = components.unet, components.text_encoder
-    if cfg.text_encoder_trains:
-        unet, text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-            unet, text_encoder, optimizer, dataloader, lr_scheduler)
-    else:
-        unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    trained = adapter.trained_models(components)
+    prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
+    models = dict(zip(trained, prepared[:len(trained)]))
+    optimizer, dataloader, lr_scheduler = prepared[len(trained):]
+    unet = models.get("unet", components.unet)
     if cfg.model.compile:
         unet = torch.compile(unet)
     register_trainable_only_hooks(accelerator)
-    vae_dtype = next(components.vae.parameters()).dtype
-    run = Run(cfg, accelerator, components, noise_scheduler, unet, text_encoder, weight_dtype, vae_dtype, moments,
-              text_cache)
+    for obj in adapter.checkpoint_objects():
+        accelerator.register_for_checkpointing(obj)
+    run = Run(cfg, accelerator, components, noise_scheduler, unet, models.get("text_encoder", components.text_encoder),
+              weight_dtype, next(components.vae.parameters()).dtype, moments[0], text_cache, adapter,
+              moments[1] if len(moments) > 1 else None)
 
     global_step = 0
     if resume_from is not None:
@@ -338,7 +411,7 @@ def train(cfg: RecipeConfig) -> Path:
         tracker_config = {k: str(v) for k, v in _flatten(to_dict(cfg)).items()}
         accelerator.init_trackers("ldm_finetune", config=tracker_config)
 
-    trained = [p for g in groups for p in g["params"]]
+    trained_params = [p for g in groups for p in g["params"]]
     progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process)
     last_checkpoint = resume_from
     log_path = cfg.output_dir / "metrics.jsonl"
@@ -352,15 +425,19 @@ def train(cfg: RecipeConfig) -> Path:
             skip = (global_step % per_epoch) * cfg.train.gradient_accumulation_steps
             batches = accelerator.skip_first_batches(dataloader, skip)
         for batch in batches:
-            with accelerator.accumulate(unet, *([text_encoder] if cfg.text_encoder_trains else [])):
-                loss = training_step(run, batch).mean()
+            with accelerator.accumulate(*models.values()), accelerator.autocast():
+                loss = training_step(run, batch)
                 micro_losses.append(loss.detach())
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm:
-                    accelerator.clip_grad_norm_(trained, cfg.train.max_grad_norm)
+                if accelerator.sync_gradients:
+                    adapter.before_optimizer_step(global_step)
+                    if cfg.train.max_grad_norm:
+                        accelerator.clip_grad_norm_(trained_params, cfg.train.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    adapter.after_optimizer_step(global_step)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
@@ -399,25 +476,34 @@ def train(cfg: RecipeConfig) -> Path:
     return cfg.output_dir
 
 
+def _with_prior_prompts(cfg: RecipeConfig, records: list) -> list:
+    """Base-model prior: each instance image carries its concept's class prompt (the prompt the prior acts on)."""
+    from dataclasses import replace
+
+    db = cfg.dreambooth
+    if db is None or not db.prior_preservation or db.prior != "base_model":
+        return records
+    return [replace(r, meta=dict(r.meta, prior_prompt=r.meta["class_prompt"])) for r in records]
+
+
 def finish(run: Run, records, global_step: int) -> None:
-    """The shareable result: the LoRA file with its metadata header, final samples and the model card."""
-    from ldm_finetune.lora import LORA_WEIGHT_NAME, lora_state_dict, save_lora
+    """The shareable result: the adapter's files with the metadata header, final samples and the model card."""
     from ldm_finetune.models import base_model_info
     from ldm_finetune.sharing import training_header, write_model_card
 
-    cfg, accelerator = run.cfg, run.accelerator
-    unet = accelerator.unwrap_model(run.unet)
-    text_encoder = accelerator.unwrap_model(run.text_encoder) if cfg.text_encoder_trains else None
+    cfg = run.cfg
+    unet = run.accelerator.unwrap_model(run.unet)
     captions = [r.caption for r in records]
     trigger_words = sorted(set(captions))
     header = training_header(cfg, base_model_info(cfg.model.pretrained, unet), captions, trigger_words,
-                             global_step, run.noise_scheduler.config.prediction_type)
-    weights, adapter_metadata = lora_state_dict(unet, text_encoder)
-    save_lora(cfg.output_dir, weights, adapter_metadata, header)
+                             global_step, run.noise_scheduler.config.prediction_type, run.adapter.kind)
+    written = run.adapter.save(run, header)
     grid_path = validation_images(run, global_step, "final")
     write_model_card(cfg.output_dir, cfg, header, trigger_words,
-                     grid_path.relative_to(cfg.output_dir).as_posix() if grid_path else None, LORA_WEIGHT_NAME)
-    print(f"LoRA written to {cfg.output_dir / LORA_WEIGHT_NAME}")
+                     grid_path.relative_to(cfg.output_dir).as_posix() if grid_path else None,
+                     [p.relative_to(cfg.output_dir).as_posix() for p in written])
+    for path in written:
+        print(f"wrote {path}")
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
