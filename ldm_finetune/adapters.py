@@ -251,7 +251,7 @@ class TextualInversionAdapter(Adapter):
             names = self.expand_token(c.token).split(" ")
             tokenizer.add_tokens(names)
             self.token_ids[c.token] = tokenizer.convert_tokens_to_ids(names)
-        text_encoder.resize_token_embeddings(len(tokenizer))
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set just below
         weight = text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             for token, ids in self.token_ids.items():

@@ -75,10 +75,11 @@ def image_folder_records(folder: Path, caption: str, what: str) -> list[Record]:
     return [Record(p, caption) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def select_records(records: list[Record], select: dict[str, str], num_images: int | None,
-                   spread_by: str = "orientation") -> list[Record]:
-    """Rows matching every `select` key; with `num_images`, that many spread evenly over the `spread_by` groups
-    (e.g. 9 images of a state = 3 per cut, as in the study) and evenly along each group's slice order."""
+def select_records(records: list[Record], select: dict[str, str], num_images: int | None) -> list[Record]:
+    """Rows matching every `select` key; with `num_images`, that many spread evenly over the groups of the column
+    not selected on (a state's 9 images = 3 per cut, as in the study; a cut's = 3 per state) and evenly along each
+    group's slice order."""
+    spread_by = "orientation" if "orientation" not in select else "state"
     chosen = [r for r in records if all(str(r.meta.get(k)) == str(v) for k, v in select.items())]
     if not chosen:
         detail = "; ".join(f"{k} has {sorted({str(r.meta.get(k)) for r in records})}" for k in select)

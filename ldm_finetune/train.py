@@ -365,6 +365,12 @@ def train(cfg: RecipeConfig) -> Path:
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         (cfg.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if cfg.dreambooth is not None and accelerator.is_main_process:
+        from ldm_finetune.objectives import warn_split_identifiers
+
+        for line in warn_split_identifiers(components.tokenizer, records,
+                                           [c.class_prompt for c in cfg.data.concepts]):
+            print(line, file=sys.stderr)
     # DreamBooth class images come from the base model, so they are made before the adapter changes it
     class_records = prepare_class_records(cfg, accelerator, components, noise_scheduler)
     records = _with_prior_prompts(cfg, records)
