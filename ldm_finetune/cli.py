@@ -171,6 +171,12 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"{len(written)} images written to {args.out}")
 
 
+def _identifiers(args: argparse.Namespace) -> None:
+    from ldm_finetune.identifiers import run
+
+    print("\n".join(run(args.model, args.check or [], args.n)))
+
+
 def _export(args: argparse.Namespace) -> None:
     from ldm_finetune.lora import export_kohya
 
@@ -290,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["kohya"], default="kohya", help="target layout (kohya)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("identifiers", help="rare single-token DreamBooth identifiers for a model's tokenizer",
+                       description="List rare words that are one token in the model's tokenizer (good DreamBooth "
+                       "identifiers), or check chosen ones with --check (exit status 2 if one splits).")
+    p.add_argument("--model", required=True, metavar="M", help="local diffusers folder or hub id")
+    p.add_argument("--check", nargs="+", metavar="WORD", help="words to check (e.g. w17h3r sks)")
+    p.add_argument("--n", type=int, default=20, help="number of candidates to list (default 20)")
+    p.set_defaults(func=_identifiers)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic data",
                        description="The main job on the built-in default, no GPU, network or private data needed: "

@@ -84,38 +84,63 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
 
 
 def apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
-    """Load each LoRA as its own adapter after checking it fits, then activate them all with their scales."""
+    """Load each LoRA as its own adapter after checking it fits, then activate them all with their scales.
+
+    A pivotal-tuning output works in both forms: its folder (pytorch_lora_weights.safetensors + embeddings/) or its
+    one combined file (kohya LoRA keys + bundle_emb.* embeddings).
+    """
     from ldm_finetune.lora import check_lora_fits, lora_file, read_lora
 
     names = []
     for i, (path, scale) in enumerate(loras):
         file = lora_file(path)
-        weights, _ = read_lora(file)
+        weights, metadata = read_lora(file)
+        bundled = {k: v for k, v in weights.items() if k.startswith("bundle_emb.")}
+        weights = {k: v for k, v in weights.items() if not k.startswith("bundle_emb.")}
         check_lora_fits(weights, pipe, str(file))
+        if Path(path).is_dir() and (Path(path) / "embeddings").is_dir():
+            apply_embeddings(pipe, [str(Path(path) / "embeddings")])
+        if bundled:
+            load_bundled_embeddings(pipe, bundled, metadata)
         name = f"lora{i}"
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        pipe.load_lora_weights(weights, adapter_name=name)
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
 
 
+def load_bundled_embeddings(pipe, bundled: dict, metadata: dict) -> None:
+    """bundle_emb.<name>.string_to_param.* tensors -> tokens (the original token names are in the header)."""
+    names = json.loads(metadata.get("ldm_finetune.tokens", "{}"))
+    for key, vectors in bundled.items():
+        name = key.split(".")[1]
+        pipe.load_textual_inversion({names.get(name, name): vectors})
+
+
 def apply_embeddings(pipe, embeddings: list[str]) -> list[str]:
-    """Load Textual Inversion files (diffusers or A1111 layout); returns the tokens they add."""
+    """Load Textual Inversion files (diffusers or A1111 layout, or a folder of them); returns the tokens added."""
     from safetensors import safe_open
 
+    files = []
+    for path in map(Path, embeddings):
+        if path.is_dir():
+            files += sorted(path.glob("*.safetensors"))
+        elif path.is_file() and path.suffix == ".safetensors":
+            files.append(path)
+        else:
+            raise UserError(f"--embedding {path}: expected a .safetensors embedding file or a folder of them")
     tokens = []
-    for path in embeddings:
-        path = Path(path)
-        if not path.is_file() or path.suffix != ".safetensors":
-            raise UserError(f"--embedding {path}: expected an existing .safetensors embedding file")
+    for path in files:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-        # diffusers layout: {token: vectors}; A1111 layout: {"emb_params": vectors} named after the file
-        token = path.stem if keys == ["emb_params"] else None
+            keys, meta = list(f.keys()), f.metadata() or {}
+        # diffusers layout: {token: vectors}; A1111 layout: {"emb_params": vectors}, the prompt word is the file name
+        token = (meta.get("ldm_finetune.token") or path.stem) if keys == ["emb_params"] else None
+        if (token or keys[0]) in pipe.tokenizer.get_vocab():
+            continue  # already loaded (e.g. the same embedding in two layouts)
         try:
             pipe.load_textual_inversion(str(path), token=token)
         except ValueError as exc:
-            raise UserError(f"--embedding {path}: {exc}") from None
+            raise UserError(f"--embedding {path}: {str(exc).splitlines()[0]}") from None
         tokens.append(token or keys[0])
     return tokens
 
