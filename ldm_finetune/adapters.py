@@ -181,7 +181,10 @@ class FullAdapter(Adapter):
     def base_model(self, unet):
         # a frozen copy of the starting UNet stands in (one more UNet in memory)
         original_forward = unet.forward
-        unet.forward = self.frozen_unet.to(next(unet.parameters()).device).forward
+        reference, frozen = next(unet.parameters()), next(self.frozen_unet.parameters())
+        if (frozen.device, frozen.dtype) != (reference.device, reference.dtype):
+            self.frozen_unet.to(reference.device, reference.dtype)
+        unet.forward = self.frozen_unet.forward
         try:
             yield
         finally:
