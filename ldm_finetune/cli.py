@@ -271,9 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "plus OUT/generation.json with every setting. A LoRA that does not fit the model is an error.")
     p.add_argument("--model", required=True, metavar="M", help="base model: local diffusers folder or hub id")
     p.add_argument("--lora", action="append", metavar="FILE_OR_DIR[:SCALE]",
-                   help="LoRA file or training output folder, optional scale (default 1.0); repeatable")
-    p.add_argument("--embedding", action="append", metavar="FILE",
-                   help="Textual Inversion .safetensors (diffusers or A1111 layout); repeatable")
+                   help="LoRA file or training output folder (a pivotal-tuning folder or combined file also "
+                   "loads its embeddings), optional scale (default 1.0); repeatable")
+    p.add_argument("--embedding", action="append", metavar="FILE_OR_DIR",
+                   help="Textual Inversion .safetensors, or a folder of them (diffusers or A1111 layout); repeatable")
     p.add_argument("--prompt", action="append", required=True, metavar="P", help="prompt (repeatable)")
     p.add_argument("--negative-prompt", default="", metavar="N")
     p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
