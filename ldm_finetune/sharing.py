@@ -123,8 +123,8 @@ def write_model_card(folder: Path, cfg, header: dict[str, str], trigger_words: l
         lines += ["", "## Samples", "", "Validation prompts (rows) x seeds (columns):", "",
                   f"![samples]({sample_grid})", ""]
         lines += [f"{i + 1}. `{p}`" for i, p in enumerate(cfg.validation.prompts)]
-    lines += ["", f"The full resolved training config is in `config.yaml` and in the file's header "
-              f"(`ldm_finetune.config`).", ""]
+    lines += ["", "The full resolved training config is in `config.yaml` and in the file's header "
+              "(`ldm_finetune.config`).", ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path

@@ -11,11 +11,9 @@ logging, validation images, checkpoints and resume; `finish` writes the shareabl
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +21,8 @@ import yaml
 
 from ldm_finetune.config import RecipeConfig, load_config
 from ldm_finetune.configtools import to_dict
-from ldm_finetune.errors import TrainingStopped, UserError, run_guarded
+from ldm_finetune.errors import UserError, run_guarded
+from ldm_finetune.loop import Loop, run_loop, start_tracking
 
 
 def check_environment(cfg: RecipeConfig) -> None:
@@ -347,9 +346,8 @@ def train(cfg: RecipeConfig) -> Path:
     import torch
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
-    from ldm_finetune.checkpoints import read_state, register_trainable_only_hooks, save_checkpoint
+    from ldm_finetune.checkpoints import register_trainable_only_hooks
     from ldm_finetune.data import collate
     from ldm_finetune.models import load_components
     from ldm_finetune.objectives import prepare_class_records
@@ -408,74 +406,13 @@ def train(cfg: RecipeConfig) -> Path:
               weight_dtype, next(components.vae.parameters()).dtype, moments[0], text_cache, adapter,
               moments[1] if len(moments) > 1 else None)
 
-    global_step = 0
-    if resume_from is not None:
-        accelerator.print(f"resuming from {resume_from}")
-        accelerator.load_state(str(resume_from))
-        global_step = read_state(resume_from)["global_step"]
-    if accelerator.is_main_process:
-        tracker_config = {k: str(v) for k, v in _flatten(to_dict(cfg)).items()}
-        accelerator.init_trackers("ldm_finetune", config=tracker_config)
-
-    trained_params = [p for g in groups for p in g["params"]]
-    progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process)
-    last_checkpoint = resume_from
-    log_path = cfg.output_dir / "metrics.jsonl"
-    started = time.time()
-    first_epoch = global_step // per_epoch
-    micro_losses = []  # the losses of this optimizer step's micro-batches
-    for epoch in range(first_epoch, math.ceil(max_steps / per_epoch)):
-        dataloader.set_epoch(epoch)
-        batches = dataloader
-        if epoch == first_epoch and global_step % per_epoch:
-            skip = (global_step % per_epoch) * cfg.train.gradient_accumulation_steps
-            batches = accelerator.skip_first_batches(dataloader, skip)
-        for batch in batches:
-            with accelerator.accumulate(*models.values()), accelerator.autocast():
-                loss = training_step(run, batch)
-                micro_losses.append(loss.detach())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    adapter.before_optimizer_step(global_step)
-                    if cfg.train.max_grad_norm:
-                        accelerator.clip_grad_norm_(trained_params, cfg.train.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    adapter.after_optimizer_step(global_step)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            mean_loss = accelerator.gather(torch.stack(micro_losses).mean()[None]).mean().item()
-            micro_losses.clear()
-            if not math.isfinite(mean_loss):
-                progress.close()
-                raise TrainingStopped(
-                    f"loss became {mean_loss} at step {global_step}; stopped without saving. Last good checkpoint: "
-                    f"{last_checkpoint or 'none'}. Try a lower train.learning_rate, train.max_grad_norm, or "
-                    "train.mixed_precision=bf16 instead of fp16")
-            progress.update(1)
-            progress.set_postfix(loss=f"{mean_loss:.4f}")
-            lr = lr_scheduler.get_last_lr()[0]
-            if global_step % cfg.logging.every_steps == 0 or global_step == max_steps:
-                accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=global_step)
-            if accelerator.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": global_step, "loss": mean_loss, "lr": lr,
-                                        "time": round(time.time() - started, 3)}) + "\n")
-            if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0:
-                last_checkpoint = save_checkpoint(accelerator, cfg.output_dir / "checkpoints", global_step,
-                                                  {"epoch": epoch}, cfg.checkpoint.total_limit)
-            v_every = cfg.validation.every_steps
-            if v_every and global_step % v_every == 0 and global_step < max_steps:
-                validation_images(run, global_step, f"step-{global_step:06d}")
-            if global_step >= max_steps:
-                break
-        if global_step >= max_steps:
-            break
-    progress.close()
-    accelerator.wait_for_everyone()
+    global_step = start_tracking(cfg, accelerator, resume_from)
+    loop = Loop(cfg=cfg, accelerator=accelerator, models=list(models.values()), optimizer=optimizer,
+                lr_scheduler=lr_scheduler, dataloader=dataloader, params=[p for g in groups for p in g["params"]],
+                step_fn=lambda batch: training_step(run, batch), hooks=adapter,
+                validate=lambda step, tag: validation_images(run, step, tag), max_steps=max_steps,
+                per_epoch=per_epoch)
+    global_step = run_loop(loop, global_step, resume_from)
     if accelerator.is_main_process:
         finish(run, records, global_step)
     accelerator.end_training()
@@ -510,17 +447,6 @@ def finish(run: Run, records, global_step: int) -> None:
                      [p.relative_to(cfg.output_dir).as_posix() for p in written])
     for path in written:
         print(f"wrote {path}")
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
