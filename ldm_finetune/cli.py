@@ -171,6 +171,13 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"{len(written)} images written to {args.out}")
 
 
+def _sample(args: argparse.Namespace) -> None:
+    from ldm_finetune.pixel import sample_command
+
+    written = sample_command(args)
+    print(f"{len(written)} images written to {args.out}")
+
+
 def _identifiers(args: argparse.Namespace) -> None:
     from ldm_finetune.identifiers import run
 
@@ -297,6 +304,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["kohya"], default="kohya", help="target layout (kohya)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("sample", help="sample slices from a pixel DDPM, or from the training-free local-score baseline",
+                       description="Sample grey slices with the project's DDPM / DDIM samplers: from a model trained "
+                       "with recipes/ddpm_pixel.yaml (--model OUTPUT_DIR/model), or from the training-free patch "
+                       "baseline of reverse diffusion with the locally constrained optimal score (--baseline "
+                       "local-score --train-dir DIR). Writes OUT/<class>_<seed>_<i>.png and OUT/sampling.json.")
+    p.add_argument("--model", type=Path, metavar="DIR", help="pixel DDPM model folder (OUTPUT_DIR/model)")
+    p.add_argument("--class", dest="class_name", metavar="STATE/ORIENT", help="class to sample, e.g. dry/thickness")
+    p.add_argument("--n", type=int, default=8, help="number of images (default 8)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddpm: all T steps; ddim: --steps")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trajectory", metavar="T1,T2,...", help="also save x_t at these timesteps (e.g. 999,500,100)")
+    p.add_argument("--bits", type=int, choices=[8, 16], default=8, help="PNG bit depth (default 8)")
+    p.add_argument("--baseline", choices=["local-score"], help="training-free baseline instead of a model")
+    p.add_argument("--patch", type=int, default=5, help="local-score patch side, odd (default 5)")
+    p.add_argument("--train-dir", type=Path, metavar="DIR", help="local-score: the training slices (prep train/)")
+    p.add_argument("--resolution", type=int, default=64, help="local-score: image side in px (default 64)")
+    p.add_argument("--max-images", type=int, default=64, help="local-score: training slices used (default 64)")
+    p.add_argument("--schedule", choices=["linear", "cosine"], default="cosine",
+                   help="local-score: noise schedule (default cosine, T=1000, as in seed 000)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.set_defaults(func=_sample)
 
     p = sub.add_parser("identifiers", help="rare single-token DreamBooth identifiers for a model's tokenizer",
                        description="List rare words that are one token in the model's tokenizer (good DreamBooth "

@@ -234,7 +234,7 @@ class LoggingConfig:
 
 @dataclass
 class RecipeConfig:
-    recipe: Literal["lora", "full", "textual_inversion", "pivotal"]  # what trains
+    recipe: Literal["lora", "full", "textual_inversion", "pivotal", "ddpm_pixel"]  # what trains
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
@@ -309,10 +309,120 @@ class RecipeConfig:
         return self.recipe in ("lora", "pivotal")
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
-    """YAML file + dotted overrides -> a checked RecipeConfig (fails before anything heavy is imported)."""
+# --- the from-scratch pixel DDPM track ------------------------------------------------------------------------------
+
+@dataclass
+class PixelDataConfig:
+    train_dir: Path  # a prep output's train/ folder
+    resolution: int = 64  # square training size (32-256 px)
+    class_columns: list[str] = field(default_factory=lambda: ["state", "orientation"])  # label = values joined by /
+    random_flip: bool = False  # horizontal flips
+    repeats: int = 1  # each image appears this many times per epoch
+    num_workers: int = 0  # dataloader worker processes
+
+    def __post_init__(self):
+        _positive("data.repeats", self.repeats)
+        if not self.class_columns:
+            raise UserError("data.class_columns: name at least one metadata column (e.g. [state, orientation])")
+
+
+@dataclass
+class PixelModelConfig:
+    base_channels: int = 64  # channels of the first level
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # per level: 64 -> 512 channels
+    layers_per_block: int = 2  # ResNet blocks per level
+    attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])  # self-attention at these sizes
+    norm_num_groups: int = 32  # GroupNorm groups
+    act_fn: Literal["silu", "gelu"] = "gelu"  # the study used GELU
+    dropout: float = 0.0
+    class_conditional: bool = True  # condition on the class label; false: unconditional
+    label_dropout: float = 0.1  # share of labels replaced by "no class" (classifier-free guidance)
+    compile: bool = False  # torch.compile the U-Net
+
+    def __post_init__(self):
+        _positive("model.base_channels", self.base_channels)
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise UserError("model.channel_mult: give one positive multiplier per level, e.g. [1, 2, 4, 8]")
+        bad = [m for m in self.channel_mult if (self.base_channels * m) % self.norm_num_groups]
+        if bad:
+            raise UserError(f"model.norm_num_groups: {self.norm_num_groups} must divide every level's channels "
+                            f"({self.base_channels} x {bad[0]})")
+        if not 0 <= self.label_dropout < 1:
+            raise UserError(f"model.label_dropout: {self.label_dropout} must be in [0, 1)")
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: Literal["linear", "cosine"] = "linear"  # linear 1e-4 -> 0.02 (Ho et al.) or cosine (Nichol & Dhariwal)
+    timesteps: int = 1000  # T
+    beta_start: float = 1e-4  # linear schedule only
+    beta_end: float = 0.02  # linear schedule only
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+    def __post_init__(self):
+        _positive("diffusion.timesteps", self.timesteps)
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = True  # sample and export with an EMA of the weights
+    decay: float = 0.999
+    on_cpu: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.decay < 1:
+            raise UserError(f"ema.decay: {self.decay} must be in (0, 1)")
+
+
+@dataclass
+class PixelValidationConfig:
+    every_steps: Optional[int] = None  # sample a grid every N steps (null: only at the end)
+    images_per_class: int = 2
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 50  # DDIM steps
+    guidance: float = 1.0  # classifier-free guidance scale (1: conditional model only)
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive("validation.every_steps", self.every_steps)
+        _positive("validation.images_per_class", self.images_per_class)
+
+
+@dataclass
+class PixelRecipeConfig:
+    recipe: Literal["ddpm_pixel"]
+    data: PixelDataConfig
+    train: TrainConfig
+    output_dir: Path
+    seed: int = 0
+    model: PixelModelConfig = field(default_factory=PixelModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    validation: PixelValidationConfig = field(default_factory=PixelValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        factor = 2 ** (len(self.model.channel_mult) - 1)
+        if self.data.resolution % factor or self.data.resolution < factor:
+            raise UserError(f"data.resolution: {self.data.resolution} px is not divisible by {factor}, the U-Net's "
+                            f"downsampling factor ({len(self.model.channel_mult)} levels); use e.g. "
+                            f"{max(factor, self.data.resolution // factor * factor)}")
+        if self.noise.zero_terminal_snr:
+            raise UserError("noise.zero_terminal_snr: not available for the pixel DDPM (use diffusion.schedule)")
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        return False
+
+
+def load_config(path: str | Path, overrides: list[str] = ()):
+    """YAML file + dotted overrides -> a checked RecipeConfig or PixelRecipeConfig (for recipe: ddpm_pixel), before
+    anything heavy is imported."""
     data = apply_overrides(load_yaml(path), list(overrides))
+    cls = PixelRecipeConfig if data.get("recipe") == "ddpm_pixel" else RecipeConfig
     try:
-        return from_dict(RecipeConfig, data)
+        return from_dict(cls, data)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None

@@ -139,8 +139,9 @@ def _resize_float(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def to_pixel_values(array: np.ndarray, resolution: int, center_crop: bool = True, flip: bool = False,
-                    rng: np.random.Generator | None = None) -> torch.Tensor:
-    """Shorter side -> resolution, square crop, optional flip; returns (3, R, R) in [-1, 1]."""
+                    rng: np.random.Generator | None = None, rgb: bool = True) -> torch.Tensor:
+    """Shorter side -> resolution, square crop, optional flip; returns (3, R, R) in [-1, 1] ((1, R, R) for a grey
+    image with rgb=False: the pixel DDPM models one channel)."""
     h, w = array.shape[:2]
     scale = resolution / min(h, w)
     nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
@@ -153,7 +154,8 @@ def to_pixel_values(array: np.ndarray, resolution: int, center_crop: bool = True
     if flip:
         array = array[:, ::-1]
     if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)  # grey CT -> the RGB input SD's VAE was trained on
+        # grey CT -> the RGB input SD's VAE was trained on, or kept as one channel
+        array = np.repeat(array[..., None], 3 if rgb else 1, axis=2)
     tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
     return (tensor.clamp(0, 1) * 2.0 - 1.0).float()
 

@@ -29,7 +29,7 @@ def check_environment(cfg: RecipeConfig) -> None:
     """Options that need something this machine may lack: fail now, not after the model loaded."""
     import torch
 
-    if cfg.model.attention == "xformers":
+    if getattr(cfg.model, "attention", "sdpa") == "xformers":
         try:
             import xformers  # noqa: F401
         except ImportError:
@@ -181,7 +181,7 @@ def prepare_models(cfg: RecipeConfig, components, adapter, weight_dtype, device)
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # fp16 master weights would lose small updates
-    if cfg.model.attention == "xformers":
+    if getattr(cfg.model, "attention", "sdpa") == "xformers":
         components.unet.enable_xformers_memory_efficient_attention()
     if cfg.model.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
@@ -335,6 +335,10 @@ def build_dataset(cfg: RecipeConfig, records, class_records):
 
 def train(cfg: RecipeConfig) -> Path:
     """Run the recipe; returns the output folder."""
+    if cfg.recipe == "ddpm_pixel":
+        from ldm_finetune.pixel import train_pixel
+
+        return train_pixel(cfg)
     check_environment(cfg)
     from ldm_finetune.adapters import make_adapter
     from ldm_finetune.checkpoints import resolve_resume
