@@ -9,6 +9,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on a 2-core machine: one thread each, or torch's thread pools fight over the cores (the tiny
+    # models' many small ops got ~5x slower in the 1000-step sampler test)
+    torch.set_num_threads(1)
 
 from data_prep.phantom import write_phantoms  # noqa: E402
 from ldm_finetune.cli import main  # noqa: E402
