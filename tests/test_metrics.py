@@ -1,0 +1,115 @@
+"""Each weight-free metric on synthetic fields whose statistics are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ldm_finetune import metrics as M
+
+
+def fields(n, seed, size=64, sigma=2.0):
+    """Smooth random fields thresholded into three phases (dark / mid / bright), with a little noise."""
+    rng = np.random.default_rng(seed)
+    g = ndimage.gaussian_filter(rng.standard_normal((n, size, size)), (0, sigma, sigma))
+    g = (g - g.mean()) / g.std()
+    phases = np.digitize(g, [-0.5, 0.7])
+    return np.clip(np.array([0.1, 0.45, 0.85])[phases] + 0.03 * rng.standard_normal(g.shape), 0, 1).astype(np.float32)
+
+
+def shuffled(images, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(im.ravel()).reshape(im.shape) for im in images])
+
+
+def blurred(images):
+    return ndimage.gaussian_filter(images, (0, 2, 2)).astype(np.float32)
+
+
+REAL, OTHER = fields(24, 1), fields(24, 2)
+
+
+@pytest.mark.parametrize("distance", [M.grey_w1, M.spectrum_distance,
+                                      lambda a, b: float(np.mean(M.pyramid_swd(a, b)))])
+def test_same_process_scores_low_and_altered_sets_high(distance):
+    same = distance(REAL, OTHER)
+    assert distance(REAL, REAL) <= same + 1e-12
+    changed = [distance(REAL, blurred(OTHER))]
+    if distance is not M.grey_w1:  # shuffling keeps the histogram exactly: only structure metrics see it
+        changed.append(distance(REAL, shuffled(OTHER)))
+    assert min(changed) > 3 * same, (same, changed)
+
+
+def test_grey_w1_of_a_shift_is_the_shift():
+    assert M.grey_w1(REAL * 0.5, REAL * 0.5 + 0.2) == pytest.approx(0.2, abs=2 / M.GREY_BINS)
+
+
+def test_two_point_correlation_at_zero_is_the_phase_fraction_and_decays_to_its_square():
+    thresholds = M.multi_otsu(REAL, 3)
+    labels = M.segment(REAL, thresholds)
+    fractions = M.phase_fractions(labels, 3)
+    assert fractions.sum() == pytest.approx(1.0)
+    for phase in range(3):
+        s2 = M.two_point(labels, phase, axis=2, max_lag=30)
+        assert s2[0] == pytest.approx(fractions[phase], abs=1e-6)
+        assert abs(s2[30] - fractions[phase] ** 2) < 0.3 * fractions[phase] ** 2  # uncorrelated far apart
+        assert s2[1] < s2[0]
+
+
+def test_multi_otsu_finds_the_three_grey_levels():
+    t = M.multi_otsu(REAL, 3)
+    assert 0.1 < t[0] < 0.45 < t[1] < 0.85
+    labels = M.segment(REAL, t)
+    truth = np.digitize(REAL, [0.275, 0.65])
+    assert (labels == truth).mean() > 0.99
+
+
+def test_glcm_features_react_to_texture():
+    smooth, noisy = M.glcm_features(blurred(REAL)[:4]), M.glcm_features(shuffled(REAL)[:4])
+    assert (noisy[:, 0] > smooth[:, 0]).all()  # contrast up
+    assert (noisy[:, 3] < smooth[:, 3]).all()  # neighbour correlation down
+
+
+def test_prdc_identical_vs_disjoint():
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((200, 5))
+    same = M.prdc(real, rng.standard_normal((200, 5)))
+    far = M.prdc(real, rng.standard_normal((200, 5)) + 10)
+    assert same["precision"] > 0.8 and same["recall"] > 0.8 and same["coverage"] > 0.8
+    assert far["precision"] == 0 and far["coverage"] == 0
+
+
+def test_descriptor_classifier_separates_classes():
+    thresholds = M.multi_otsu(REAL, 3)
+    coarse, fine = fields(20, 3, sigma=4.0), fields(20, 4, sigma=1.0)
+    x = M.descriptors(np.concatenate([coarse, fine]), thresholds)
+    clf = M.DescriptorClassifier(x, ["coarse"] * 20 + ["fine"] * 20)
+    test = M.descriptors(np.concatenate([fields(10, 5, sigma=4.0), fields(10, 6, sigma=1.0)]), thresholds)
+    predicted = clf.predict(test)
+    assert sum(p == t for p, t in zip(predicted, ["coarse"] * 10 + ["fine"] * 10)) >= 19
+    assert M.confusion(["coarse", "fine"], ["fine", "fine"], clf.classes) == [[0, 1], [0, 1]]
+
+
+def test_ssim_psnr_colourfulness():
+    a = REAL[0]
+    assert M.ssim(a, a) == pytest.approx(1.0) and M.psnr(a, a) == float("inf")
+    assert M.ssim(a, shuffled(REAL[:1])[0]) < 0.2
+    grey = np.repeat(a[..., None], 3, axis=2)
+    colour = grey.copy()
+    colour[..., 0] = 1.0
+    assert M.colourfulness(grey) == pytest.approx(0.0, abs=1e-9) and M.colourfulness(colour) > 50
+
+
+def test_a_shifted_copy_is_found_by_ncc_not_by_l2():
+    train = REAL[:10]
+    copy = np.roll(train[3], (7, -5), axis=(0, 1))
+    _, l2 = M.nearest_l2(copy[None], train)
+    ncc = [M.max_ncc(copy, t) for t in train]
+    assert int(np.argmax(ncc)) == 3 and max(ncc) > 0.99
+    fresh = [M.max_ncc(OTHER[0], t) for t in train]
+    assert max(fresh) < 0.6 and l2[0] > 0.1
+
+
+def test_metrics_are_deterministic():
+    assert M.pyramid_swd(REAL, OTHER, seed=3) == M.pyramid_swd(REAL, OTHER, seed=3)
