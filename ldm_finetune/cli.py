@@ -178,6 +178,13 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"{len(written)} images written to {args.out}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from ldm_finetune.evaluate import run_evaluate
+
+    path = run_evaluate(args)
+    print(f"report: {path / 'report.html'}  (numbers in {path / 'metrics.json'})")
+
+
 def _identifiers(args: argparse.Namespace) -> None:
     from ldm_finetune.identifiers import run
 
@@ -329,6 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local-score: noise schedule (default cosine, T=1000, as in seed 000)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("evaluate", help="weight-free fidelity, memorisation, 3D consistency and drift report",
+                       description="Compare generated slices with real ones and write OUT/metrics.json and "
+                       "OUT/report.html. Either give an evaluation config (models to sample, probes: see README), "
+                       "or --real and one or more --generated folders (DIR/<state>__<orientation>/*.png for "
+                       "per-concept numbers, or a flat folder).")
+    p.add_argument("config", nargs="?", type=Path, metavar="CONFIG.yaml", help="evaluation config (optional)")
+    p.add_argument("--real", type=Path, metavar="DIR", help="prep output (train/ + validation/) or image folder")
+    p.add_argument("--generated", type=Path, action="append", metavar="DIR", help="generated images (repeatable)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--size", type=int, metavar="PX", help="resize every image to PX x PX (needed if sizes differ)")
+    p.add_argument("--max-real", type=int, metavar="N", help="at most N real slices per class and split")
+    p.add_argument("--bootstrap", type=int, default=50, help="bootstrap rounds for intervals (default 50)")
+    p.add_argument("--copy-ncc", type=float, default=0.95,
+                   help="normalised cross-correlation above which a slice counts as a near-copy (default 0.95)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("identifiers", help="rare single-token DreamBooth identifiers for a model's tokenizer",
                        description="List rare words that are one token in the model's tokenizer (good DreamBooth "

@@ -273,22 +273,28 @@ def colourfulness(rgb: np.ndarray) -> float:
 
 # --- memorisation --------------------------------------------------------------------------------------------------
 
-def downsample(images: np.ndarray, size: int = 64) -> np.ndarray:
-    """Block-average to size x size (or keep smaller images) for nearest-neighbour search."""
+SEARCH_SIZE = 64  # nearest-neighbour search resolution
+
+
+def resize_set(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, size, size) by linear interpolation (nearest-neighbour search runs at a small common size)."""
     n, h, w = images.shape
-    if h <= size and w <= size:
+    if (h, w) == (size, size):
         return images
     return ndimage.zoom(images, (1, size / h, size / w), order=1)
 
 
-def nearest_l2(queries: np.ndarray, bank: np.ndarray, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(index, RMS distance) of each query's nearest bank image."""
+def pairwise_msd(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """(Q, B) mean squared difference between every query and bank item (flattened), by one matrix product."""
     q, b = queries.reshape(len(queries), -1).astype(np.float64), bank.reshape(len(bank), -1).astype(np.float64)
-    d2 = np.maximum((q**2).sum(1)[:, None] + (b**2).sum(1)[None] - 2 * q @ b.T, 0) / q.shape[1]
-    if exclude_self:
-        np.fill_diagonal(d2, np.inf)
+    return np.maximum((q**2).sum(1)[:, None] + (b**2).sum(1)[None] - 2 * q @ b.T, 0) / q.shape[1]
+
+
+def nearest_l2(queries: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index, RMS distance) of each query's nearest bank image."""
+    d2 = pairwise_msd(queries, bank)
     index = d2.argmin(1)
-    return index, np.sqrt(d2[np.arange(len(q)), index])
+    return index, np.sqrt(d2[np.arange(len(queries)), index])
 
 
 def max_ncc(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,166 @@
+"""`ldm-finetune evaluate` end to end on phantom slices: two-folder form and config form (tiny SD + LoRA, pixel DDPM,
+local-score baseline), what the numbers must say about copies / shuffled pixels / real slices, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def rows_of(folder: Path, state: str, orientation: str):
+    rows = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["state"] == state and r["orientation"] == orientation]
+
+
+@pytest.fixture(scope="module")
+def generated(prep_dataset, tmp_path_factory):
+    """Three 'models' in one folder: exact copies of training slices (dry/warp), pixel-shuffled slices
+    (injected/thickness), and real validation slices (dry-compacted/weft)."""
+    out = tmp_path_factory.mktemp("gen") / "fake"
+    rng = np.random.default_rng(0)
+    for (state, orient), kind in {("dry", "warp"): "copy", ("injected", "thickness"): "shuffle",
+                                  ("dry-compacted", "weft"): "validation"}.items():
+        split = "validation" if kind == "validation" else "train"
+        folder = out / f"{state}__{orient}"
+        folder.mkdir(parents=True)
+        for i, r in enumerate(rows_of(prep_dataset / split, state, orient)[:8]):
+            img = np.asarray(Image.open(prep_dataset / split / r["file_name"]))
+            if kind == "shuffle":
+                img = rng.permutation(img.ravel()).reshape(img.shape)
+            Image.fromarray(img).save(folder / f"{i:04d}.png")
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(prep_dataset, generated, tmp_path_factory):
+    from ldm_finetune.cli import main
+
+    out = tmp_path_factory.mktemp("eval") / "out"
+    assert main(["evaluate", "--real", str(prep_dataset), "--generated", str(generated), "--out", str(out),
+                 "--max-real", "40", "--bootstrap", "20"]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_real_slices_score_near_the_floor_and_shuffled_ones_far(report):
+    _, m = report
+    fid = m["fidelity"]
+    real_like = fid["dry-compacted/weft"]
+    shuffled = fid["injected/thickness"]
+    for metric in ("spectrum", "swd", "two_point", "glcm"):
+        assert real_like["models"]["fake"]["values"][metric] < 3 * real_like["floor"][metric] + 1e-3, metric
+        assert shuffled["models"]["fake"]["values"][metric] > 5 * shuffled["floor"][metric], metric
+    lo, hi = shuffled["models"]["fake"]["ci"]["spectrum"]
+    assert lo <= hi
+
+
+def test_copies_are_flagged_with_their_training_twin(report, prep_dataset):
+    _, m = report
+    mem = m["memorisation"]["models"]["fake"]
+    flagged = {Path(f["generated"]).parent.name for f in mem["near_copies"]}
+    assert flagged == {"dry__warp"}, flagged
+    assert len(mem["near_copies"]) == 8 and all(f["ncc"] > 0.99 for f in mem["near_copies"])
+    assert all(Path(f["training"]).is_relative_to(prep_dataset / "train") for f in mem["near_copies"])
+
+
+def test_classifier_consistency_and_report(report):
+    out, m = report
+    clf = m["classifier"]
+    assert 0 < clf["ceiling_accuracy"] <= 1 and len(clf["classes"]) == 9
+    assert clf["models"]["fake"]["accuracy"] >= 0
+    assert set(m["consistency"]["real"]["fractions"]) == {"dry", "dry-compacted", "injected"}
+    page = (out / "report.html").read_text()
+    assert page.count("<img") > 20 and "data:image/png;base64" in page
+    assert "src=\"http" not in page and "<script" not in page  # self-contained, static
+    for heading in ("Summary", "Per concept", "Memorisation", "3D consistency", "Prompt-drift probes", "Skipped"):
+        assert f"<h2>{heading}" in page
+
+
+def test_metrics_are_deterministic(prep_dataset, generated, report, tmp_path):
+    from ldm_finetune.cli import main
+
+    assert main(["evaluate", "--real", str(prep_dataset), "--generated", str(generated), "--out",
+                 str(tmp_path / "again"), "--max-real", "40", "--bootstrap", "20"]) == 0
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["fidelity"] == report[1]["fidelity"]
+
+
+def test_size_mismatch_and_too_few_images(prep_dataset, tmp_path, run_cli):
+    big = tmp_path / "big" / "dry__warp"
+    big.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.zeros((48, 48), np.uint8)).save(big / f"{i}.png")
+    code, _, err = run_cli("evaluate", "--real", prep_dataset, "--generated", big.parent, "--out", tmp_path / "o")
+    assert code == 2 and "pass --size N" in err
+    few = tmp_path / "few" / "dry__warp"
+    few.mkdir(parents=True)
+    src = rows_of(prep_dataset / "validation", "dry", "warp")[:2]
+    for i, r in enumerate(src):
+        shutil.copy(prep_dataset / "validation" / r["file_name"], few / f"{i}.png")
+    code, _, err = run_cli("evaluate", "--real", prep_dataset, "--generated", few.parent, "--out", tmp_path / "p",
+                           "--max-real", "20")
+    assert code == 0, err
+    skipped = json.loads((tmp_path / "p" / "metrics.json").read_text())["skipped"]
+    assert any("only 2 generated images" in s["reason"] for s in skipped)
+    assert "only 2 generated images" in (tmp_path / "p" / "report.html").read_text()
+
+
+def eval_config(tmp_path, prep_dataset, models):
+    path = tmp_path / "eval.yaml"
+    path.write_text(json.dumps({
+        "real": str(prep_dataset), "models": models, "seeds": [0, 1, 2, 3], "probe_seeds": [0],
+        "concepts": {"dry/thickness": "sf_dry sf_thickness", "injected/warp": "sf_injected sf_warp"},
+        "probes": ["horse on a beach", "a texture"], "max_real": 20,
+        "sampler": {"steps": 2, "pixel_steps": 3}}))  # JSON is YAML
+    return path
+
+
+def test_config_form_with_sd_lora_pixel_and_baseline(prep_dataset, tiny_model_dir, small_train_dir, tmp_path,
+                                                     run_cli):
+    from tests.conftest import lora_overrides
+    from ldm_finetune.train import main as train
+
+    lora = tmp_path / "lora"
+    assert train([str(Path(__file__).parent.parent / "recipes" / "lora.yaml"),
+                  *lora_overrides(tiny_model_dir, small_train_dir, lora, **{"train.learning_rate": 1e-2})]) == 0
+    models = [{"name": "base", "kind": "sd", "model": str(tiny_model_dir)},
+              {"name": "lora", "kind": "sd", "model": str(tiny_model_dir), "loras": [str(lora)]},
+              {"name": "mosaic", "kind": "local_score", "patch": 3}]
+    config = eval_config(tmp_path, prep_dataset, models)
+    code, out, err = run_cli("evaluate", config, "--out", tmp_path / "ev")
+    assert code == 0, err
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(m["fidelity"]) == {"dry/thickness", "injected/warp"}
+    assert set(m["fidelity"]["dry/thickness"]["models"]) == {"base", "lora", "mosaic"}
+    assert any("tiny random-init" in n for n in m["notes"])
+    probes = m["probes"]["models"]["lora"]["prompts"]
+    assert set(probes) == {"horse on a beach", "a texture"} and all(0 <= v["ct_leakage"] <= 1 for v in probes.values())
+    assert any(s["what"] == "CLIP text/image scores" for s in m["skipped"])
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "ev" / "images").rglob("*.png")}
+    code, out, _ = run_cli("evaluate", config, "--out", tmp_path / "ev")
+    assert code == 0 and "generating" not in out  # everything was there already
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ev" / "images").rglob("*.png")} == stamps
+
+
+def test_config_bad_models(prep_dataset, tmp_path, tiny_model_dir, run_cli):
+    config = eval_config(tmp_path, prep_dataset, [{"name": "x", "kind": "sd", "model": "/nonexistent/model"}])
+    code, _, err = run_cli("evaluate", config, "--out", tmp_path / "a")
+    assert code == 2 and "/nonexistent/model does not exist" in err
+    bad_lora = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"unet.down_blocks.9.attn.to_q.lora_A.weight": torch.zeros(4, 32),
+               "unet.down_blocks.9.attn.to_q.lora_B.weight": torch.zeros(32, 4)}, str(bad_lora))
+    config = eval_config(tmp_path, prep_dataset, [{"name": "x", "kind": "sd", "model": str(tiny_model_dir),
+                                                   "loras": [str(bad_lora)]}])
+    code, _, err = run_cli("evaluate", config, "--out", tmp_path / "b")
+    assert code == 2 and "do not exist in this model" in err
+    config = eval_config(tmp_path, prep_dataset, [{"name": "x", "kind": "pixel"}])
+    code, _, err = run_cli("evaluate", config, "--out", tmp_path / "c")
+    assert code == 2 and "kind pixel needs model" in err
