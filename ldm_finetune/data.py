@@ -117,16 +117,25 @@ def concept_records(records: list[Record] | None, concepts, expand_token=lambda 
     return out
 
 
-def load_image(path: Path) -> np.ndarray:
-    """(H, W) float32 in [0, 1] for grey images of any bit depth, (H, W, 3) for colour ones."""
+def read_pixels(path: Path) -> tuple[np.ndarray, float]:
+    """The decoded pixels in their own type (uint8 / uint16 / float32; grey (H, W) or RGB (H, W, 3)) and the
+    value of full scale. Kept apart from the float conversion so worker processes can send compact arrays."""
     with Image.open(path) as img:
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            return np.asarray(img, dtype=np.float32) / 65535.0  # 16-bit slices stay 16-bit
-        if img.mode in ("L", "P", "1", "LA"):
-            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+            return np.asarray(img), 65535.0  # 16-bit slices stay 16-bit
+        if img.mode == "L":
+            return np.asarray(img), 255.0
+        if img.mode in ("P", "1", "LA"):
+            return np.asarray(img.convert("L")), 255.0
         if img.mode == "F":
-            return np.asarray(img, dtype=np.float32)
-        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            return np.asarray(img, dtype=np.float32), 1.0
+        return np.asarray(img.convert("RGB")), 255.0
+
+
+def load_image(path: Path) -> np.ndarray:
+    """(H, W) float32 in [0, 1] for grey images of any bit depth, (H, W, 3) for colour ones."""
+    pixels, full_scale = read_pixels(path)
+    return pixels.astype(np.float32) / np.float32(full_scale)
 
 
 def _resize_float(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:

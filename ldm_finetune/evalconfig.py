@@ -104,7 +104,7 @@ def _save(image: np.ndarray, path: Path, grey: bool) -> None:
 
 
 def _sd_pipeline(entry: ModelEntry):
-    from ldm_finetune.generate import apply_embeddings, apply_loras, load_pipeline, parse_lora_arg, set_scheduler
+    from ldm_finetune.generate import apply_embeddings, apply_loras, load_pipeline, parse_lora_arg
 
     pipe = load_pipeline(entry.model)
     apply_embeddings(pipe, entry.embeddings)

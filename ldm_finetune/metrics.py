@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 GREY_BINS = 256
+FFT_WORKERS = 1  # evaluate.py already runs two threads of statistics; nested FFT threads only add contention
 
 
 # --- grey levels ---------------------------------------------------------------------------------------------------
@@ -39,19 +40,32 @@ def grey_w1(a: np.ndarray, b: np.ndarray) -> float:
 
 # --- power spectrum ------------------------------------------------------------------------------------------------
 
-def radial_spectrum(images: np.ndarray, bins: int = 32) -> np.ndarray:
+def _radial_bins(h: int, w: int, bins: int):
+    """Sparse (h * (w//2+1), bins) averaging matrix over rings of the rfft2 plane (radius 0.5 = Nyquist)."""
+    from scipy import sparse
+
+    radius = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2).ravel()
+    index = (radius / 0.5 * bins).astype(int)
+    keep = index < bins  # corners beyond Nyquist are dropped
+    counts = np.bincount(index[keep], minlength=bins).astype(np.float64)
+    rows = np.flatnonzero(keep)
+    return sparse.csr_matrix((1.0 / counts[index[keep]], (rows, index[keep])), shape=(len(radius), bins))
+
+
+def radial_spectrum(images: np.ndarray, bins: int = 32, chunk: int = 32) -> np.ndarray:
     """(N, bins) log10 radially averaged power spectra (mean removed, Hann window against edge leakage)."""
+    from scipy import fft
+
     n, h, w = images.shape
     window = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
-    x = (images - images.mean(axis=(1, 2), keepdims=True)) * window
-    power = np.abs(np.fft.rfft2(x)) ** 2  # (N, h, w//2 + 1)
-    fy = np.fft.fftfreq(h)[:, None]
-    fx = np.fft.rfftfreq(w)[None, :]
-    radius = np.sqrt(fy**2 + fx**2)
-    index = np.minimum((radius / 0.5 * bins).astype(int), bins)  # radius 0.5 = Nyquist; corners dropped
-    counts = np.bincount(index.ravel(), minlength=bins + 1)[:bins]
-    out = np.stack([np.bincount(index.ravel(), weights=p.ravel(), minlength=bins + 1)[:bins] for p in power])
-    return np.log10(out / np.maximum(counts, 1) + 1e-12)
+    rings = _radial_bins(h, w, bins)
+    out = np.empty((n, bins))
+    for start in range(0, n, chunk):
+        x = images[start:start + chunk]
+        x = (x - x.mean(axis=(1, 2), keepdims=True)) * window
+        power = np.abs(fft.rfft2(x, workers=FFT_WORKERS)) ** 2
+        out[start:start + chunk] = np.asarray(rings.T @ power.reshape(len(x), -1).T).T
+    return np.log10(out + 1e-12)
 
 
 def spectrum_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -63,7 +77,8 @@ def spectrum_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def multi_otsu(images: np.ndarray, classes: int = 3, bins: int = 128) -> np.ndarray:
     """Thresholds splitting the grey levels into `classes` phases with the largest between-class variance."""
-    hist = grey_histogram(images, bins)
+    step = max(1, int(np.sqrt(images[0].size / 65536)))  # ~64k pixels per image are plenty for a histogram
+    hist = grey_histogram(images[:, ::step, ::step], bins)
     centers = (np.arange(bins) + 0.5) / bins
     p, m = np.cumsum(hist), np.cumsum(hist * centers)
 
@@ -88,7 +103,10 @@ def multi_otsu(images: np.ndarray, classes: int = 3, bins: int = 128) -> np.ndar
 
 def segment(images: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Phase labels 0 (darkest: air / voids) .. len(thresholds) (brightest: yarns)."""
-    return np.digitize(images, thresholds).astype(np.uint8)
+    labels = np.zeros(images.shape, dtype=np.uint8)
+    for t in thresholds:  # sorted thresholds: count how many each pixel reaches (much faster than np.digitize)
+        labels += images >= t
+    return labels
 
 
 def phase_fractions(labels: np.ndarray, phases: int) -> np.ndarray:
@@ -96,14 +114,21 @@ def phase_fractions(labels: np.ndarray, phases: int) -> np.ndarray:
 
 
 def two_point(labels: np.ndarray, phase: int, axis: int, max_lag: int) -> np.ndarray:
-    """S2(r), r = 0..max_lag: probability that two pixels r apart along `axis` (1 = rows of the image / y,
-    2 = columns / x) both lie in `phase`; S2(0) is the phase fraction. Periodic autocorrelation by FFT."""
+    """S2(r), r = 0..max_lag, over a stack of label images: probability that two pixels r apart along `axis`
+    (1 = image rows / y, 2 = columns / x) both lie in `phase`; S2(0) is the phase fraction."""
+    return two_point_per_image(labels, phase, axis, max_lag).mean(0)
+
+
+def two_point_per_image(labels: np.ndarray, phase: int, axis: int, max_lag: int) -> np.ndarray:
+    """(N, max_lag + 1) S2 curves, one per image: periodic autocorrelation of the phase mask by FFT."""
+    from scipy import fft
+
     mask = (labels == phase).astype(np.float32)
     n = mask.shape[axis]
-    f = np.fft.rfft(mask, axis=axis)
-    corr = np.fft.irfft(f * np.conj(f), n=n, axis=axis)
-    corr = np.moveaxis(corr, axis, -1)
-    return corr.reshape(-1, n).mean(0)[:max_lag + 1] / n
+    f = fft.rfft(mask, axis=axis, workers=FFT_WORKERS)
+    corr = fft.irfft(f * np.conj(f), n=n, axis=axis, workers=FFT_WORKERS)
+    corr = np.moveaxis(corr, axis, -1)  # (N, other, n)
+    return corr.mean(1)[:, :max_lag + 1] / n
 
 
 # --- texture -------------------------------------------------------------------------------------------------------
@@ -111,31 +136,52 @@ def two_point(labels: np.ndarray, phase: int, axis: int, max_lag: int) -> np.nda
 def glcm_features(images: np.ndarray, levels: int = 32) -> np.ndarray:
     """(N, 8): contrast, homogeneity, energy, correlation of the grey-level co-occurrence matrix at distance 1,
     horizontally then vertically."""
-    q = np.clip((images * levels).astype(np.int64), 0, levels - 1)
     i, j = np.meshgrid(np.arange(levels), np.arange(levels), indexing="ij")
+    weights = np.stack([(i - j) ** 2, 1.0 / (1.0 + np.abs(i - j))]).reshape(2, -1)
     out = np.empty((len(images), 8))
-    for k, img in enumerate(q):
+    for k, img in enumerate(images):
+        q = np.clip((img * levels).astype(np.int32), 0, levels - 1)
         feats = []
-        for a, b in ((img[:, :-1], img[:, 1:]), (img[:-1, :], img[1:, :])):
+        for a, b in ((q[:, :-1], q[:, 1:]), (q[:-1, :], q[1:, :])):
             m = np.bincount((a * levels + b).ravel(), minlength=levels * levels).reshape(levels, levels)
             m = (m + m.T) / (2.0 * m.sum())  # symmetric, normalised
             mu = (i * m).sum()
             var = ((i - mu) ** 2 * m).sum()
-            feats += [((i - j) ** 2 * m).sum(), (m / (1.0 + np.abs(i - j))).sum(), (m**2).sum(),
-                      (((i - mu) * (j - mu) * m).sum() / var) if var > 0 else 1.0]
+            contrast, homogeneity = weights @ m.ravel()
+            feats += [contrast, homogeneity, (m**2).sum(), ((i - mu) * (j - mu) * m).sum() / var if var > 0 else 1.0]
         out[k] = feats
     return out
 
 
 # --- sliced Wasserstein on Laplacian pyramids (Karras et al. 2018) --------------------------------------------------
 
+_BINOMIAL = np.array([1, 4, 6, 4, 1], dtype=np.float32) / 16  # the 5-tap filter of Burt & Adelson / Karras et al.
+
+
+def _down(x: np.ndarray) -> np.ndarray:
+    """Binomial blur then keep every other row and column (rows filtered first, on half the work)."""
+    x = ndimage.convolve1d(x, _BINOMIAL, axis=1, mode="reflect")[:, ::2]
+    return ndimage.convolve1d(x, _BINOMIAL, axis=2, mode="reflect")[:, :, ::2]
+
+
+def _up_axis(x: np.ndarray, axis: int, length: int) -> np.ndarray:
+    """Double `axis` with the polyphase form of 2 x binomial interpolation: even samples (a + 6b + c) / 8, odd
+    samples (b + c) / 2 (edges reflected) -- the same as blurring a zero-inserted signal, at a quarter of the cost."""
+    x = np.moveaxis(x, axis, -1)
+    padded = np.concatenate([x[..., :1], x, x[..., -1:]], axis=-1)
+    prev, cur, nxt = padded[..., :-2], padded[..., 1:-1], padded[..., 2:]
+    out = np.empty(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+    out[..., 0::2] = (prev + 6 * cur + nxt) / 8
+    out[..., 1::2] = (cur + nxt) / 2
+    return np.moveaxis(out[..., :length], -1, axis)
+
+
 def laplacian_pyramid(images: np.ndarray, levels: int) -> list[np.ndarray]:
     """Finest first; each level is the detail lost by one blur-and-halve; the last is the coarse residual."""
     out, current = [], images.astype(np.float32)
     for _ in range(levels - 1):
-        blurred = ndimage.gaussian_filter(current, sigma=(0, 1, 1), mode="reflect")
-        small = blurred[:, ::2, ::2]
-        up = ndimage.zoom(small, (1, 2, 2), order=1)[:, :current.shape[1], :current.shape[2]]
+        small = _down(current)
+        up = _up_axis(_up_axis(small, 1, current.shape[1]), 2, current.shape[2])
         out.append(current - up)
         current = small
     out.append(current)
@@ -160,14 +206,21 @@ def sliced_wasserstein(a: np.ndarray, b: np.ndarray, projections: int, rng: np.r
     return float(np.abs(pa - pb).mean())
 
 
+def pyramid_levels(images: np.ndarray) -> int:
+    return max(1, int(np.log2(min(images.shape[1:]) / 16)) + 1)
+
+
 def pyramid_swd(a: np.ndarray, b: np.ndarray, patch: int = 7, per_image: int = 64, projections: int = 128,
-                repeats: int = 4, seed: int = 0) -> list[float]:
-    """SWD per pyramid level (finest first) between normalised 7x7 patch sets; levels down to >= 16 px."""
-    levels = max(1, int(np.log2(min(a.shape[1:]) / 16)) + 1)
+                repeats: int = 4, seed: int = 0, max_images: int = 32, pyramid_a: list | None = None) -> list[float]:
+    """SWD per pyramid level (finest first) between normalised 7x7 patch sets; levels down to >= 16 px.
+    `pyramid_a`: a's pyramid of its first max_images images, when it is compared with several sets."""
+    levels = pyramid_levels(a)
     rng = np.random.default_rng(seed)
-    n = min(len(a), len(b))
+    n = min(len(a), len(b), max_images)
+    if pyramid_a is None or len(pyramid_a[0]) < n:
+        pyramid_a = laplacian_pyramid(a[:n], levels)
     result = []
-    for la, lb in zip(laplacian_pyramid(a[:n], levels), laplacian_pyramid(b[:n], levels)):
+    for la, lb in zip((level[:n] for level in pyramid_a), laplacian_pyramid(b[:n], levels)):
         pa, pb = _patches(la, per_image, patch, rng), _patches(lb, per_image, patch, rng)
         # normalise each patch (Karras et al.): mean and std over the whole set's patches, per position
         both = np.concatenate([pa, pb])
@@ -188,14 +241,8 @@ def descriptors(images: np.ndarray, thresholds: np.ndarray, lags=(1, 2, 4, 8)) -
     labels = segment(images, thresholds)
     phases = len(thresholds) + 1
     fractions = np.stack([phase_fractions(lab, phases) for lab in labels])
-    s2 = []
-    for lab in labels:
-        row = []
-        for axis in (0, 1):
-            curve = two_point(lab[None], phases - 1, axis + 1, max(lags))
-            row += [curve[lag] for lag in lags]
-        s2.append(row)
-    return np.concatenate([hist, spec, fractions, np.array(s2), glcm_features(images)], axis=1)
+    s2 = [two_point_per_image(labels, phases - 1, axis, max(lags))[:, list(lags)] for axis in (1, 2)]
+    return np.concatenate([hist, spec, fractions, *s2, glcm_features(images)], axis=1)
 
 
 class Standardizer:
@@ -276,12 +323,21 @@ def colourfulness(rgb: np.ndarray) -> float:
 SEARCH_SIZE = 64  # nearest-neighbour search resolution
 
 
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape == (size, size):
+        return image
+    # BOX when shrinking: each output pixel averages its block (no aliasing); bilinear when enlarging
+    method = Image.BOX if size < min(image.shape) else Image.BILINEAR
+    return np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((size, size), method))
+
+
 def resize_set(images: np.ndarray, size: int) -> np.ndarray:
-    """(N, size, size) by linear interpolation (nearest-neighbour search runs at a small common size)."""
-    n, h, w = images.shape
-    if (h, w) == (size, size):
+    """(N, size, size) (nearest-neighbour search runs at a small common size)."""
+    if images.shape[1:] == (size, size):
         return images
-    return ndimage.zoom(images, (1, size / h, size / w), order=1)
+    return np.stack([_resize(im, size) for im in images])
 
 
 def pairwise_msd(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
@@ -297,6 +353,18 @@ def nearest_l2(queries: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.nd
     return index, np.sqrt(d2[np.arange(len(queries)), index])
 
 
+def normalised_fft(images: np.ndarray) -> np.ndarray:
+    """rfft2 of each image after zero-mean / unit-variance normalisation (for batched NCC)."""
+    x = (images - images.mean((-2, -1), keepdims=True)) / (images.std((-2, -1), keepdims=True) + 1e-8)
+    return np.fft.rfft2(x)
+
+
+def max_ncc_batch(query_fft: np.ndarray, bank_fft: np.ndarray, shape) -> np.ndarray:
+    """Best circular-shift NCC of one query (its normalised_fft) against several bank images."""
+    corr = np.fft.irfft2(query_fft[None] * np.conj(bank_fft), s=shape)
+    return corr.reshape(len(bank_fft), -1).max(1) / (shape[0] * shape[1])
+
+
 def max_ncc(a: np.ndarray, b: np.ndarray) -> float:
     """Shift-tolerant normalised cross-correlation: the best circular-shift correlation of two images (FFT)."""
     a = (a - a.mean()) / (a.std() + 1e-8)
@@ -305,20 +373,29 @@ def max_ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float(corr.max() / a.size)
 
 
-def load_set(paths, size: int | None = None) -> np.ndarray:
-    """Grey float32 (N, H, W) in [0, 1] from image files (8/16-bit grey or RGB, converted to luminance)."""
-    from ldm_finetune.data import load_image
+def _grey(pixels: np.ndarray, full_scale: float) -> np.ndarray:
+    image = pixels.astype(np.float32) / np.float32(full_scale)
+    return image @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if image.ndim == 3 else image
 
-    images = []
-    for p in paths:
-        im = load_image(p)
-        if im.ndim == 3:
-            im = im @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        images.append(im)
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1 and size is None:
-        raise ValueError(f"images of several sizes {sorted(shapes)[:3]}")
-    if size is not None:
-        images = [im if im.shape == (size, size) else ndimage.zoom(im, (size / im.shape[0], size / im.shape[1]),
-                                                                   order=1) for im in images]
-    return np.stack(images).astype(np.float32)
+
+def load_set(paths, size: int | None = None) -> np.ndarray:
+    """Grey float32 (N, H, W) in [0, 1] from image files (8/16-bit grey or RGB, converted to luminance).
+
+    Images are decoded one at a time into a preallocated array: no list of float copies, no final stack."""
+    from ldm_finetune.data import read_pixels
+
+    paths = list(paths)
+    out = None
+    for i, path in enumerate(paths):
+        pixels, full_scale = read_pixels(path)
+        shape = (size, size) if size is not None else pixels.shape[:2]
+        if out is None:
+            out = np.empty((len(paths), *shape), dtype=np.float32)
+        elif pixels.shape[:2] != out.shape[1:] and size is None:
+            raise ValueError(f"images of several sizes {sorted({pixels.shape[:2], out.shape[1:]})}")
+        image = _grey(pixels, full_scale) if pixels.ndim == 3 or size is not None else None
+        if image is None:
+            np.divide(pixels, np.float32(full_scale), out=out[i], casting="unsafe")
+        else:
+            out[i] = _resize(image, size) if size is not None else image
+    return out if out is not None else np.empty((0, 1, 1), dtype=np.float32)

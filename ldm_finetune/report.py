@@ -43,15 +43,17 @@ def _strip(images: np.ndarray, n: int = 6) -> str:
     return " ".join(_png(im) for im in images[:n]) or "<i>no images</i>"
 
 
-def _plot(draw) -> str:
+def _plot(*draws) -> str:
+    """One figure with a panel per draw function, as an inline PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=90)
-    draw(ax)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(draws), figsize=(4.2 * len(draws), 2.8), dpi=90, squeeze=False)
+    for draw, ax in zip(draws, axes[0]):
+        draw(ax)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -121,33 +123,29 @@ def _concept(name: str, entry: dict, real, generated: dict) -> str:
                                                           else "") + "</td>")
         rows.append(f"<tr><td>{html.escape(m)} (n={r['n']})</td>{''.join(cells)}</tr>")
     parts.append("<table>" + "".join(rows) + "</table>")
-    parts.append(_curves(cls, real, generated))
+    parts.append(_curves(entry.get("curves", {})))
     return "".join(parts)
 
 
-def _curves(cls, real, generated) -> str:
-    from ldm_finetune import metrics as M
-
-    sets = {"real": real.of_class(cls).images, **{m: g.of_class(cls).images for m, g in generated.items()}}
-    sets = {k: v for k, v in sets.items() if len(v)}
+def _curves(curves: dict) -> str:
+    if not curves:
+        return ""
 
     def spectra(ax):
-        for label, images in sets.items():
-            ax.plot(M.radial_spectrum(images).mean(0), label=label)
+        for label, c in curves.items():
+            ax.plot(c["spectrum"], label=label)
         ax.set_xlabel("radial frequency bin")
         ax.set_ylabel("log10 power")
         ax.set_title("power spectrum", fontsize=9)
 
-    thresholds = M.multi_otsu(sets["real"], 3)
-
     def two_point(ax):
-        for label, images in sets.items():
-            ax.plot(M.two_point(M.segment(images, thresholds), 2, 2, 24), label=label)
+        for label, c in curves.items():
+            ax.plot(c["s2_bright_x"], label=label)
         ax.set_xlabel("lag along x (px)")
         ax.set_ylabel("S2 (brightest phase)")
         ax.set_title("two-point correlation", fontsize=9)
 
-    return _plot(spectra) + " " + _plot(two_point)
+    return _plot(spectra, two_point)
 
 
 def _classifier(clf: dict) -> str:

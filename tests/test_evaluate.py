@@ -30,7 +30,7 @@ def generated(prep_dataset, tmp_path_factory):
         split = "validation" if kind == "validation" else "train"
         folder = out / f"{state}__{orient}"
         folder.mkdir(parents=True)
-        for i, r in enumerate(rows_of(prep_dataset / split, state, orient)[:8]):
+        for i, r in enumerate(rows_of(prep_dataset / split, state, orient)[:16]):
             img = np.asarray(Image.open(prep_dataset / split / r["file_name"]))
             if kind == "shuffle":
                 img = rng.permutation(img.ravel()).reshape(img.shape)
@@ -53,9 +53,10 @@ def test_real_slices_score_near_the_floor_and_shuffled_ones_far(report):
     fid = m["fidelity"]
     real_like = fid["dry-compacted/weft"]
     shuffled = fid["injected/thickness"]
-    for metric in ("spectrum", "swd", "two_point", "glcm"):
+    # a small-sample SWD is noisy (16 images here), so it gets a looser factor than the per-image statistics
+    for metric, factor in (("spectrum", 5), ("two_point", 5), ("glcm", 5), ("swd", 3)):
         assert real_like["models"]["fake"]["values"][metric] < 3 * real_like["floor"][metric] + 1e-3, metric
-        assert shuffled["models"]["fake"]["values"][metric] > 5 * shuffled["floor"][metric], metric
+        assert shuffled["models"]["fake"]["values"][metric] > factor * shuffled["floor"][metric], metric
     lo, hi = shuffled["models"]["fake"]["ci"]["spectrum"]
     assert lo <= hi
 
@@ -65,7 +66,7 @@ def test_copies_are_flagged_with_their_training_twin(report, prep_dataset):
     mem = m["memorisation"]["models"]["fake"]
     flagged = {Path(f["generated"]).parent.name for f in mem["near_copies"]}
     assert flagged == {"dry__warp"}, flagged
-    assert len(mem["near_copies"]) == 8 and all(f["ncc"] > 0.99 for f in mem["near_copies"])
+    assert len(mem["near_copies"]) == 16 and all(f["ncc"] > 0.99 for f in mem["near_copies"])
     assert all(Path(f["training"]).is_relative_to(prep_dataset / "train") for f in mem["near_copies"])
 
 
