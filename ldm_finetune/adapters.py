@@ -134,6 +134,12 @@ class EMA:
         for s, p in zip(self.shadow, params):
             p.copy_(s.to(p.device, p.dtype))
 
+    def averaged_copy(self, model):
+        """A copy of `model` holding the averaged weights (the model itself is left as it is)."""
+        average = copy.deepcopy(model)
+        self.copy_to(average.parameters())
+        return average
+
     def state_dict(self) -> dict:
         return {"decay": self.decay, "steps": self.steps, "shadow": self.shadow}
 
@@ -197,10 +203,7 @@ class FullAdapter(Adapter):
         from data_prep.io import atomic_dir
 
         unet = run.accelerator.unwrap_model(run.unet)
-        export_unet = unet
-        if self.ema is not None:
-            export_unet = copy.deepcopy(unet)
-            self.ema.copy_to(export_unet.parameters())
+        export_unet = self.ema.averaged_copy(unet) if self.ema is not None else unet
         text_encoder = run.accelerator.unwrap_model(run.text_encoder)
         scheduler = DDIMScheduler.from_config(run.noise_scheduler.config,
                                               **({"timestep_spacing": "trailing"}

@@ -25,6 +25,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from ldm_finetune.errors import UserError
+from ldm_finetune.generate import slug
 
 DEFAULT_PROBES = ["horse on a beach", "two zebras", "a texture"]
 
@@ -118,6 +119,7 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
     from ldm_finetune.imagesets import class_folder
 
     folders = {}
+    loaded: dict = {}  # pixel models and baseline slices, each loaded once for this run
     for entry in cfg.models:
         if entry.kind == "folder":
             if not Path(entry.path).is_dir():
@@ -129,7 +131,7 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
         wanted = [(c, s) for c in classes for s in cfg.seeds
                   if not (folder / class_folder(c) / f"{s:04d}.png").is_file()]
         probes = [(p, s) for p in cfg.probes for s in cfg.probe_seeds
-                  if entry.kind == "sd" and not (folder / "probes" / f"{_slug(p)}_{s:04d}.png").is_file()]
+                  if entry.kind == "sd" and not (folder / "probes" / f"{slug(p)}_{s:04d}.png").is_file()]
         if not wanted and not probes:
             continue
         print(f"generating {len(wanted) + len(probes)} images with {entry.name}")
@@ -145,15 +147,15 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
             for prompt, seed in probes:
                 (row,) = render(pipe, [prompt], [seed], cfg.sampler.steps, cfg.sampler.guidance,
                                 cfg.sampler.negative_prompt, side, side)
-                _save(row[0], folder / "probes" / f"{_slug(prompt)}_{seed:04d}.png", grey=False)
+                _save(row[0], folder / "probes" / f"{slug(prompt)}_{seed:04d}.png", grey=False)
         else:
             for cls, seed in wanted:
-                _save(_pixel_image(entry, cfg, cls, seed, size), folder / class_folder(cls) / f"{seed:04d}.png",
-                      grey=True)
+                image = _pixel_image(entry, cfg, cls, seed, size, loaded)
+                _save(image, folder / class_folder(cls) / f"{seed:04d}.png", grey=True)
     return folders
 
 
-def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: int) -> np.ndarray:
+def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: int, loaded: dict) -> np.ndarray:
     """One (H, W, 3) image in [0, 1] from the pixel DDPM or the local-score baseline."""
     import torch
 
@@ -161,15 +163,19 @@ def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: 
     if entry.kind == "pixel":
         from ldm_finetune.pixel import load_pixel_model
 
-        model = _cache(entry.model, lambda: load_pixel_model(entry.model))
+        if entry.model not in loaded:
+            loaded[entry.model] = load_pixel_model(entry.model)
+        model = loaded[entry.model]
         images, _ = model.sample(1, cls, s.pixel_sampler, s.pixel_steps, guidance=s.pixel_guidance, seed=seed)
     else:
         from ldm_finetune.denoisers import local_denoiser
         from ldm_finetune.diffusion import make_schedule, sample
         from ldm_finetune.pixel import baseline_slices
 
-        slices = _cache(("local", cls, size), lambda: baseline_slices(Path(cfg.real) / "train", cls,
-                                                                     ["state", "orientation"], size, 64))
+        key = ("local-score", cls)
+        if key not in loaded:
+            loaded[key] = baseline_slices(Path(cfg.real) / "train", cls, ["state", "orientation"], size, 64)
+        slices = loaded[key]
         schedule = make_schedule("cosine")
         images, _ = sample(local_denoiser(slices.double(), entry.patch, schedule), (1, *slices.shape[1:]),
                            schedule, s.pixel_sampler, steps=s.pixel_steps,
@@ -178,17 +184,6 @@ def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: 
     return np.repeat(grey[..., None], 3, axis=2)
 
 
-_CACHE: dict = {}
-
-
-def _cache(key, make):
-    if key not in _CACHE:
-        _CACHE[key] = make()
-    return _CACHE[key]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:60] or "prompt"
 
 
 def _default_prompt(cls: str) -> str:
@@ -212,7 +207,8 @@ def run_config(path: Path, out: Path) -> Path:
     generated = {name: load_generated(folder, name, size) for name, folder in folders.items()}
     extra = {"notes": _notes(cfg), "probes": {}, "skipped": []}
     extra["probes"] = probe_metrics(cfg, folders, real, size, extra["skipped"])
-    evaluate_sets(cfg.real, generated, out, size, cfg.max_real, cfg.bootstrap, cfg.seed, cfg.copy_ncc, extra)
+    evaluate_sets(cfg.real, generated, out, size, cfg.max_real, cfg.bootstrap, cfg.seed, cfg.copy_ncc, extra,
+                  real_train=real)
     return out
 
 
@@ -258,7 +254,7 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
             continue
         rows, grids, all_base, all_ft = {}, {}, [], []
         for prompt in cfg.probes:
-            files = [f"{_slug(prompt)}_{s:04d}.png" for s in cfg.probe_seeds]
+            files = [f"{slug(prompt)}_{s:04d}.png" for s in cfg.probe_seeds]
             b_rgb = [_rgb(folders[base.name] / "probes" / f) for f in files]
             f_rgb = [_rgb(folders[entry.name] / "probes" / f) for f in files]
             b_grey = load_set([folders[base.name] / "probes" / f for f in files], size)

@@ -298,12 +298,13 @@ def consistency(train: Measured, generated: dict[str, Measured]) -> dict:
 
 def evaluate_sets(real_root: Path, generated: dict[str, ImageSet], out: Path, size: int | None,
                   max_real: int | None, rounds: int = 50, seed: int = 0, copy_ncc: float = 0.95,
-                  extra: dict | None = None) -> dict:
+                  extra: dict | None = None, real_train: ImageSet | None = None) -> dict:
     """The weight-free suite for already generated sets; writes metrics.json and report.html."""
     from ldm_finetune.imagesets import check_sizes, load_real
     from ldm_finetune.report import write_report
 
-    real_train = load_real(real_root, "train", size, max_real)
+    if real_train is None:  # the config form has loaded it already
+        real_train = load_real(real_root, "train", size, max_real)
     real_val = _validation(real_root, size, max_real)
     for gen in generated.values():
         check_sizes(real_train, gen)

@@ -178,8 +178,9 @@ def grid(rows: list[list[np.ndarray]]) -> Image.Image:
     return to_image(canvas)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:60] or "prompt"
+def slug(text: str, limit: int = 60, empty: str = "prompt") -> str:
+    """A prompt as a file-name part: runs of other characters become '-'."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:limit] or empty
 
 
 def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None) -> list[Path]:
@@ -204,7 +205,7 @@ def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None)
     written = []
     for prompt, row in zip(settings.prompts, rows):
         for seed, array in zip(seeds, row):
-            path = out / f"{_slug(prompt)}_{seed}.png"
+            path = out / f"{slug(prompt)}_{seed}.png"
             with atomic_path(path) as tmp:
                 to_image(array, settings.grayscale).save(tmp, format="PNG")
             written.append(path)

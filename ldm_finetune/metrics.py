@@ -10,8 +10,8 @@ bootstrap interval by evaluate.py.
   along each image axis (Torquato 2002: the microstructure descriptor of materials science);
 - GLCM texture features (Haralick et al. 1973);
 - multi-scale sliced Wasserstein distance on Laplacian-pyramid patches (Karras et al. 2018);
-- per-image descriptor vectors, precision / recall / density / coverage on them (Naeem et al. 2020), and a
-  nine-class descriptor classifier;
+- precision / recall / density / coverage on per-image descriptor vectors (Naeem et al. 2020; the vectors are
+  built in evaluate.Stats), and a nine-class descriptor classifier;
 - SSIM / PSNR, colourfulness (Hasler & Suesstrunk 2003) for prompt-drift probes;
 - nearest-neighbour memorisation by L2 and by shift-tolerant normalised cross-correlation.
 """
@@ -232,19 +232,6 @@ def pyramid_swd(a: np.ndarray, b: np.ndarray, patch: int = 7, per_image: int = 6
 
 # --- descriptors, PRDC, classifier --------------------------------------------------------------------------------
 
-def descriptors(images: np.ndarray, thresholds: np.ndarray, lags=(1, 2, 4, 8)) -> np.ndarray:
-    """(N, D) per-image microstructure vector: grey histogram (16 bins), log spectrum (16 bins), phase fractions,
-    two-point correlation of the brightest phase along both axes at a few lags, GLCM features."""
-    hist = np.stack([np.bincount(np.clip((im * 16).astype(int), 0, 15).ravel(), minlength=16) / im.size
-                     for im in images])
-    spec = radial_spectrum(images, 16)
-    labels = segment(images, thresholds)
-    phases = len(thresholds) + 1
-    fractions = np.stack([phase_fractions(lab, phases) for lab in labels])
-    s2 = [two_point_per_image(labels, phases - 1, axis, max(lags))[:, list(lags)] for axis in (1, 2)]
-    return np.concatenate([hist, spec, fractions, *s2, glcm_features(images)], axis=1)
-
-
 class Standardizer:
     """Feature scaling fitted on the real set only (so generated sets are measured in the real set's units)."""
 
@@ -367,10 +354,7 @@ def max_ncc_batch(query_fft: np.ndarray, bank_fft: np.ndarray, shape) -> np.ndar
 
 def max_ncc(a: np.ndarray, b: np.ndarray) -> float:
     """Shift-tolerant normalised cross-correlation: the best circular-shift correlation of two images (FFT)."""
-    a = (a - a.mean()) / (a.std() + 1e-8)
-    b = (b - b.mean()) / (b.std() + 1e-8)
-    corr = np.fft.irfft2(np.fft.rfft2(a) * np.conj(np.fft.rfft2(b)), s=a.shape)
-    return float(corr.max() / a.size)
+    return float(max_ncc_batch(normalised_fft(a), normalised_fft(b[None]), a.shape)[0])
 
 
 def _grey(pixels: np.ndarray, full_scale: float) -> np.ndarray:
@@ -393,9 +377,9 @@ def load_set(paths, size: int | None = None) -> np.ndarray:
             out = np.empty((len(paths), *shape), dtype=np.float32)
         elif pixels.shape[:2] != out.shape[1:] and size is None:
             raise ValueError(f"images of several sizes {sorted({pixels.shape[:2], out.shape[1:]})}")
-        image = _grey(pixels, full_scale) if pixels.ndim == 3 or size is not None else None
-        if image is None:
+        if pixels.ndim == 2 and size is None:  # the common case: scale straight into the output, no temporary
             np.divide(pixels, np.float32(full_scale), out=out[i], casting="unsafe")
         else:
+            image = _grey(pixels, full_scale)
             out[i] = _resize(image, size) if size is not None else image
     return out if out is not None else np.empty((0, 1, 1), dtype=np.float32)

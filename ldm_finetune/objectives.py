@@ -53,12 +53,10 @@ def warn_split_identifiers(tokenizer, records, class_prompts: list[str]) -> list
     return warnings
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:50] or "class"
-
-
 def class_folder(cfg, concept) -> Path:
-    return concept.class_dir or cfg.output_dir / "class_images" / _slug(concept.class_prompt)
+    from ldm_finetune.generate import slug
+
+    return concept.class_dir or cfg.output_dir / "class_images" / slug(concept.class_prompt, 50, "class")
 
 
 def generate_class_images(pipe, folder: Path, prompt: str, model: str, n: int, seed: int, steps: int,

@@ -230,9 +230,8 @@ def validation_grid(run: PixelRun, ema, classes: list[str], step: int, tag: str)
     if not run.accelerator.is_main_process:
         return None
     v, cfg = run.cfg.validation, run.cfg
-    unet = copy.deepcopy(run.accelerator.unwrap_model(run.unet)).float()
-    if ema is not None:
-        ema.copy_to(unet.parameters())
+    unet = run.accelerator.unwrap_model(run.unet)
+    unet = ema.averaged_copy(unet) if ema is not None else copy.deepcopy(unet)
     d = cfg.diffusion
     model = PixelModel(unet, make_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end), d.prediction_type,
                        classes, {})
@@ -306,10 +305,7 @@ def train_pixel(cfg) -> Path:
     if accelerator.is_main_process:
         export = accelerator.unwrap_model(prepared_unet)
         if ema is not None:
-            import copy
-
-            export = copy.deepcopy(export)
-            ema.copy_to(export.parameters())
+            export = ema.averaged_copy(export)
         info = {"class_columns": cfg.data.class_columns, "resolution": cfg.data.resolution,
                 "global_step": global_step, "ema": cfg.ema.enabled, "train_dir": str(cfg.data.train_dir)}
         folder = save_pixel_model(output_dir / "model", export, noise_scheduler, classes, info)

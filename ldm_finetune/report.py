@@ -131,21 +131,16 @@ def _curves(curves: dict) -> str:
     if not curves:
         return ""
 
-    def spectra(ax):
-        for label, c in curves.items():
-            ax.plot(c["spectrum"], label=label)
-        ax.set_xlabel("radial frequency bin")
-        ax.set_ylabel("log10 power")
-        ax.set_title("power spectrum", fontsize=9)
+    def panel(key, title, xlabel, ylabel):
+        def draw(ax):
+            for label, c in curves.items():
+                ax.plot(c[key], label=label)
+            ax.set(xlabel=xlabel, ylabel=ylabel)
+            ax.set_title(title, fontsize=9)
+        return draw
 
-    def two_point(ax):
-        for label, c in curves.items():
-            ax.plot(c["s2_bright_x"], label=label)
-        ax.set_xlabel("lag along x (px)")
-        ax.set_ylabel("S2 (brightest phase)")
-        ax.set_title("two-point correlation", fontsize=9)
-
-    return _plot(spectra, two_point)
+    return _plot(panel("spectrum", "power spectrum", "radial frequency bin", "log10 power"),
+                 panel("s2_bright_x", "two-point correlation", "lag along x (px)", "S2 (brightest phase)"))
 
 
 def _classifier(clf: dict) -> str:

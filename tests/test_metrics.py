@@ -83,9 +83,14 @@ def test_prdc_identical_vs_disjoint():
 def test_descriptor_classifier_separates_classes():
     thresholds = M.multi_otsu(REAL, 3)
     coarse, fine = fields(20, 3, sigma=4.0), fields(20, 4, sigma=1.0)
-    x = M.descriptors(np.concatenate([coarse, fine]), thresholds)
+    from ldm_finetune.evaluate import compute_stats
+
+    def descriptors(images):
+        return compute_stats(images, thresholds).descriptors()
+
+    x = descriptors(np.concatenate([coarse, fine]))
     clf = M.DescriptorClassifier(x, ["coarse"] * 20 + ["fine"] * 20)
-    test = M.descriptors(np.concatenate([fields(10, 5, sigma=4.0), fields(10, 6, sigma=1.0)]), thresholds)
+    test = descriptors(np.concatenate([fields(10, 5, sigma=4.0), fields(10, 6, sigma=1.0)]))
     predicted = clf.predict(test)
     assert sum(p == t for p, t in zip(predicted, ["coarse"] * 10 + ["fine"] * 10)) >= 19
     assert M.confusion(["coarse", "fine"], ["fine", "fine"], clf.classes) == [[0, 1], [0, 1]]
