@@ -118,9 +118,11 @@ def run_loop(loop: Loop, global_step: int, last_checkpoint: Path | None) -> int:
             if global_step % cfg.logging.every_steps == 0 or global_step == loop.max_steps:
                 accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=global_step)
             if accelerator.is_main_process:
+                record = {"step": global_step, "loss": mean_loss, "lr": lr, "time": round(time.time() - started, 3)}
+                if torch.cuda.is_available():  # the number to watch when tuning batch size against out-of-memory
+                    record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": global_step, "loss": mean_loss, "lr": lr,
-                                        "time": round(time.time() - started, 3)}) + "\n")
+                    f.write(json.dumps(record) + "\n")
             if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0:
                 last_checkpoint = save_checkpoint(accelerator, Path(cfg.output_dir) / "checkpoints", global_step,
                                                   {"epoch": epoch}, cfg.checkpoint.total_limit)
