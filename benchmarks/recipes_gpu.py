@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"
-RECIPES = ("lora", "lora_dreambooth", "textual_inversion", "pivotal_tuning", "dreambooth", "full_finetune",
+RECIPES = ("lora", "lora_dreambooth", "textual_inversion", "full_finetune", "dreambooth", "pivotal_tuning",
            "ddpm_pixel")
 # the shipped TI initialisers (dry, compressed, resin) are CLIP words; the random models carry the tiny tokenizer
 TI_CONCEPTS = ("[{token: <dry-slice>, initializer: dry, select: {state: dry}, num_images: 9, "
@@ -46,12 +48,17 @@ def prepare(work: Path, preset: str, resolution: int, shape: list[int]) -> tuple
 
     model = work / f"model_{preset}"
     if not (model / "model_index.json").is_file():
+        started = time.perf_counter()
         build_pipeline(preset).save_pretrained(model)
+        print(f"random-init {preset} pipeline written in {time.perf_counter() - started:.0f} s", flush=True)
     data = work / f"data_{resolution}"
     if not (data / "train" / "metadata.jsonl").is_file():
+        started = time.perf_counter()
         paths = write_phantoms(work / "volumes", tuple(shape), seed=0)
+        # every 4th slice: ~1,200 training images, as many as a real study's single scan gives
         run_prep(PrepConfig(volumes=[VolumeSpec(s, p) for s, p in paths.items()], out=data, resolution=resolution,
-                            overwrite=True), show_progress=False)
+                            stride=4, overwrite=True), show_progress=False)
+        print(f"phantom dataset at {resolution} px written in {time.perf_counter() - started:.0f} s", flush=True)
     return model, data / "train"
 
 
@@ -64,6 +71,8 @@ def overrides(recipe: str, model: Path, train_dir: Path, out: Path, args) -> lis
     settings |= {"model.pretrained": model, "data.resolution": args.resolution, "validation.seeds": "[0]"}
     if recipe in ("textual_inversion", "pivotal_tuning"):
         settings["data.concepts"] = TI_CONCEPTS
+    if recipe == "dreambooth":  # class-image generation is part of before_loop_s; fewer than the recipe's 200
+        settings["dreambooth.num_class_images"] = args.class_images
     if recipe == "pivotal_tuning":
         settings["pivotal.ti_steps"] = args.steps // 2
     if args.device == "cpu":
@@ -87,22 +96,36 @@ def measure(recipe: str, model: Path, train_dir: Path, work: Path, args) -> dict
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldm_finetune.train",
            str(ROOT / "recipes" / f"{recipe}.yaml"), *overrides(recipe, model, train_dir, out, args)]
-    env = None if args.device != "cpu" else {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}
-    start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
-    if result.returncode:
-        return {"recipe": recipe, "error": result.stderr.strip().splitlines()[-1] if result.stderr else "failed"}
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
+    start = time.time()
+    # own process group: on a timeout the launcher *and* the training process it started are stopped
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"recipe": recipe, "error": f"stopped after {args.timeout} s"}
+    end = time.time()
+    if proc.returncode:
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        return {"recipe": recipe, "error": (errors or stderr.strip().splitlines() or ["failed"])[-1]}
+    log = out / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
     times = [r["time"] for r in rows]
+    # the log's last write ~ the end of the last step: what comes before the loop and after it, from the clock
+    loop_start = log.stat().st_mtime - times[-1]
     warm = min(5, len(times) // 2)
     step_s = statistics.median(b - a for a, b in zip(times[warm:], times[warm + 1:]))
     info = recipe_defaults(recipe)
+    wall = end - start
     projected = wall + (info["default_steps"] - args.steps) * step_s
     return {"recipe": recipe, **info, "steps": args.steps, "s_per_step": round(step_s, 4),
             "images_per_s": round(info["batch_size"] / step_s, 2),
             "gpu_peak_gib": max((r["gpu_peak_gib"] for r in rows if "gpu_peak_gib" in r), default=None),
-            "wall_s": round(wall, 1), "projected_default_min": round(projected / 60, 1)}
+            "wall_s": round(wall, 1), "before_loop_s": round(loop_start - start, 1),
+            "after_loop_s": round(end - log.stat().st_mtime, 1), "projected_default_min": round(projected / 60, 1)}
 
 
 def main() -> None:
@@ -111,7 +134,11 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per recipe (default 40)")
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--shape", type=int, nargs=3, default=[64, 512, 640], help="dry phantom size (D H W)")
+    parser.add_argument("--shape", type=int, nargs=3, default=[96, 192, 256], help="dry phantom size (D H W)")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds allowed per recipe launch")
+    parser.add_argument("--deadline", type=int, default=None, help="launch no recipe that could end after this many "
+                        "seconds from the start")
+    parser.add_argument("--class-images", type=int, default=24, help="DreamBooth class images to generate")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/...)")
@@ -127,6 +154,9 @@ def main() -> None:
     report = {"device": device, "preset": args.preset, "resolution": args.resolution, "torch": torch.__version__,
               "python": platform.python_version(), "recipes": []}
     for recipe in args.recipes:
+        if args.deadline and time.perf_counter() - started + args.timeout > args.deadline:
+            print(f"{recipe}: skipped, it might not end before the deadline", flush=True)
+            continue
         row = measure(recipe, model, train_dir, args.work, args)
         report["recipes"].append(row)
         print(json.dumps(row), flush=True)
