@@ -7,7 +7,6 @@ User mistakes (`UserError`) print one line on stderr and exit with status 2, nev
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -129,29 +128,11 @@ def _tiny_model(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    """The main job on the built-in default: synthetic phantom -> captioned dataset (later stages join here)."""
-    from data_prep.config import PrepConfig, VolumeSpec
-    from data_prep.phantom import write_phantoms
-    from data_prep.prep import run_prep, summary_table
+    from ldm_finetune.demo import DemoSettings, run_demo
 
-    out = args.out
-    if out.exists() and any(out.iterdir()) and not (out / "demo.json").is_file():
-        raise UserError(f"{out}: folder is not empty and is not a demo output; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    # mark the folder as ours before any work, so a rerun after an interrupted run may reuse it
-    (out / "demo.json").write_text(json.dumps({"status": "running"}))
-    print(f"[1/2] phantom: synthetic CT volumes {' '.join(map(str, args.shape))} -> {out / 'volumes'}")
-    paths = write_phantoms(out / "volumes", tuple(args.shape), seed=args.seed)
-    print(f"[2/2] prep: thickness/warp/weft slices at {args.resolution} px -> {out / 'dataset'}")
-    cfg = PrepConfig(volumes=[VolumeSpec(s, p) for s, p in paths.items()], out=out / "dataset",
-                     resolution=args.resolution, overwrite=True)
-    manifest = run_prep(cfg, show_progress=not args.quiet)
-    print(summary_table(manifest))
-    (out / "demo.json").write_text(json.dumps({"status": "done",
-                                                "volumes": {s: str(p) for s, p in paths.items()},
-                                                "dataset": str(out / "dataset")}, indent=2))
-    print(f"done: dataset in {out / 'dataset'} (load it with datasets.load_dataset('imagefolder', "
-          f"data_dir='{out / 'dataset'}'))")
+    run_demo(DemoSettings(out=args.out, shape=tuple(args.shape), resolution=args.resolution, sd_steps=args.sd_steps,
+                          ddpm_steps=args.ddpm_steps, ddpm_resolution=args.ddpm_resolution,
+                          eval_images=args.eval_images, seed=args.seed, quiet=args.quiet))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -217,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write OUT_DIR/{dry,dry-compacted,injected}.tif: seeded synthetic CT volumes of a "
                        "3D-woven composite. --shape is the dry volume; dry-compacted is ~0.55 and injected ~0.8 as "
                        "thick, with the same height and width.")
-    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder for the three .tif volumes")
     p.add_argument("--shape", type=int, nargs=3, default=[96, 192, 256], metavar=("D", "H", "W"),
                    help="dry volume size: depth (pages), height, width (default: 96 192 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -269,9 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a small random-init Stable Diffusion pipeline in diffusers layout "
                        "(safetensors, with a small CLIP BPE vocabulary): the SD architecture in miniature, for tests, "
                        "the demo and CI. No download.")
-    p.add_argument("out", type=Path, metavar="OUT")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
+    p.add_argument("out", type=Path, metavar="OUT", help="folder for the diffusers pipeline")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
+                   help="what the UNet predicts (default epsilon)")
     p.set_defaults(func=_tiny_model)
 
     p = sub.add_parser("train", help="train a recipe (same code as accelerate launch -m ldm_finetune.train)",
@@ -290,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", action="append", metavar="FILE_OR_DIR",
                    help="Textual Inversion .safetensors, or a folder of them (diffusers or A1111 layout); repeatable")
     p.add_argument("--prompt", action="append", required=True, metavar="P", help="prompt (repeatable)")
-    p.add_argument("--negative-prompt", default="", metavar="N")
+    p.add_argument("--negative-prompt", default="", metavar="N", help="what the images should avoid")
     p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses SEED+i (default 0)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
@@ -324,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--trajectory", metavar="T1,T2,...", help="also save x_t at these timesteps (e.g. 999,500,100)")
     p.add_argument("--bits", type=int, choices=[8, 16], default=8, help="PNG bit depth (default 8)")
     p.add_argument("--baseline", choices=["local-score"], help="training-free baseline instead of a model")
@@ -351,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=50, help="bootstrap rounds for intervals (default 50)")
     p.add_argument("--copy-ncc", type=float, default=0.95,
                    help="normalised cross-correlation above which a slice counts as a near-copy (default 0.95)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of subsampling and bootstrap (default 0)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("identifiers", help="rare single-token DreamBooth identifiers for a model's tokenizer",
@@ -362,14 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=20, help="number of candidates to list (default 20)")
     p.set_defaults(func=_identifiers)
 
-    p = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic data",
-                       description="The main job on the built-in default, no GPU, network or private data needed: "
-                       "synthetic woven-composite volumes -> captioned train/validation dataset.")
+    p = sub.add_parser("demo", help="run the whole pipeline on built-in synthetic data (CPU, ~10 min)",
+                       description="The main job on the built-in default; no GPU, network or private data needed. "
+                       "Synthetic woven-composite CT volumes -> captioned dataset -> LoRA+DreamBooth and Textual "
+                       "Inversion on a tiny random-init SD (accelerate launch) -> generation -> class-conditional "
+                       "pixel DDPM from scratch -> evaluation report (OUT/evaluation/report.html). The tiny SD shows "
+                       "the mechanics only; the pixel DDPM shows real learning.")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
     p.add_argument("--shape", type=int, nargs=3, default=[96, 192, 256], metavar=("D", "H", "W"),
                    help="dry phantom size (default: 96 192 256)")
-    p.add_argument("--resolution", type=int, default=64, help="image side in pixels (default: 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=64, help="slice side in pixels, SD stages (default: 64)")
+    p.add_argument("--sd-steps", type=int, default=100, help="steps of each SD recipe (default: 100)")
+    p.add_argument("--ddpm-steps", type=int, default=300, help="steps of the pixel DDPM (default: 300)")
+    p.add_argument("--ddpm-resolution", type=int, default=32, help="pixel DDPM side (default: 32)")
+    p.add_argument("--eval-images", type=int, default=8,
+                   help="generated images per class and model for the evaluation (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
     return parser

@@ -5,11 +5,14 @@ weight-free suite (evaluate.py) plus the prompt-drift probes.
     models:
       - {name: base, kind: sd, model: models/sd21-base}
       - {name: lora, kind: sd, model: models/sd21-base, loras: [runs/lora]}
+      - {name: db, kind: sd, model: models/sd21-base, loras: [runs/lora_dreambooth],
+         concepts: {dry/thickness: "a w17h3r texture"}}   # its own trigger words; only these classes
       - {name: ddpm, kind: pixel, model: runs/ddpm_pixel/model}
       - {name: mosaic, kind: local_score, patch: 5}
       - {name: mine, kind: folder, path: my_samples}      # DIR/<state>__<orientation>/*.png
     concepts: {dry/thickness: "sf_dry sf_thickness", ...}  # class -> prompt for the SD models
     probes: [horse on a beach, two zebras, a texture]
+    notes: ["what a reader must know first"]           # shown at the top of the report
 
 Images go to OUT/images/<model>/<state>__<orientation>/<seed>.png and OUT/images/<model>/probes/; a rerun reuses
 them and only generates the missing ones.
@@ -40,6 +43,8 @@ class ModelEntry:
     path: Optional[Path] = None  # folder: already generated images, DIR/<state>__<orientation>/*.png
     patch: int = 5  # local_score: patch side
     base: bool = False  # the reference model of the probes (default: the first sd model without adapters)
+    # sd: class -> prompt for this model alone (fine-tunes have their own trigger words); only these classes
+    concepts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
@@ -77,6 +82,7 @@ class EvalConfig:
     copy_ncc: float = 0.95
     seed: int = 0
     clip_model: Optional[Path] = None  # a local CLIP folder enables CLIP text/image scores of the probes
+    notes: list[str] = field(default_factory=list)  # shown first in the report, after the automatic ones
 
     def __post_init__(self):
         names = [m.name for m in self.models]
@@ -128,7 +134,7 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
             continue
         folder = out / "images" / entry.name
         folders[entry.name] = folder
-        wanted = [(c, s) for c in classes for s in cfg.seeds
+        wanted = [(c, s) for c in (list(entry.concepts) or classes) for s in cfg.seeds
                   if not (folder / class_folder(c) / f"{s:04d}.png").is_file()]
         probes = [(p, s) for p in cfg.probes for s in cfg.probe_seeds
                   if entry.kind == "sd" and not (folder / "probes" / f"{slug(p)}_{s:04d}.png").is_file()]
@@ -140,7 +146,7 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
             set_scheduler(pipe, cfg.sampler.scheduler)
             side = cfg.sampler.resolution or size
             for cls, seed in wanted:
-                prompt = cfg.concepts.get(cls) or _default_prompt(cls)
+                prompt = entry.concepts.get(cls) or cfg.concepts.get(cls) or _default_prompt(cls)
                 (row,) = render(pipe, [prompt], [seed], cfg.sampler.steps, cfg.sampler.guidance,
                                 cfg.sampler.negative_prompt, side, side)
                 _save(row[0], folder / class_folder(cls) / f"{seed:04d}.png", grey=True)
@@ -198,14 +204,15 @@ def run_config(path: Path, out: Path) -> Path:
     cfg = load_eval_config(path)
     real = load_real(cfg.real, "train", cfg.size, cfg.max_real)
     classes = list(cfg.concepts) or real.known_classes()
-    unknown = [c for c in classes if c not in real.known_classes()]
-    if unknown:
-        raise UserError(f"{path}: concept {unknown[0]!r} is not a class of {cfg.real} "
-                        f"(it has {', '.join(real.known_classes())})")
+    for where, names in [("concepts", classes)] + [(f"models[{m.name}].concepts", m.concepts) for m in cfg.models]:
+        unknown = [c for c in names if c not in real.known_classes()]
+        if unknown:
+            raise UserError(f"{path}: {where}: {unknown[0]!r} is not a class of {cfg.real} "
+                            f"(it has {', '.join(real.known_classes())})")
     size = int(real.images.shape[1])
     folders = generate_missing(cfg, out, classes, size)
     generated = {name: load_generated(folder, name, size) for name, folder in folders.items()}
-    extra = {"notes": _notes(cfg), "probes": {}, "skipped": []}
+    extra = {"notes": _notes(cfg) + cfg.notes, "probes": {}, "skipped": []}
     extra["probes"] = probe_metrics(cfg, folders, real, size, extra["skipped"])
     evaluate_sets(cfg.real, generated, out, size, cfg.max_real, cfg.bootstrap, cfg.seed, cfg.copy_ncc, extra,
                   real_train=real)

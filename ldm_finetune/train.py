@@ -45,6 +45,10 @@ def check_environment(cfg: RecipeConfig) -> None:
                             "or use train.optimizer=adamw") from None
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+    if cfg.train.mixed_precision == "bf16" and not torch.cuda.is_available():
+        # measured on a 2-core CPU: the small pixel DDPM took 13.3 s/step under bf16 autocast and 1.15 s in fp32
+        print("warning: train.mixed_precision=bf16 on a CPU is about 10x slower than fp32; add "
+              "train.mixed_precision=no", file=sys.stderr)
 
 
 @dataclass

@@ -216,30 +216,3 @@ def test_atomic_path_cleans_up(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError
     assert os.listdir(tmp_path) == []
-
-
-def test_demo_runs_phantom_then_prep(tmp_path, run_cli):
-    out = tmp_path / "demo"
-    code, stdout, err = run_cli("demo", "--out", out, "--shape", 48, 80, 128, "--resolution", 32, "--quiet")
-    assert code == 0, err
-    assert (out / "volumes" / "dry.tif").is_file() and (out / "dataset" / "manifest.json").is_file()
-    assert "done: dataset in" in stdout
-    assert run_cli("demo", "--out", out, "--shape", 48, 80, 128, "--resolution", 32, "--quiet")[0] == 0  # rerun
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("keep")
-    code, _, err = run_cli("demo", "--out", mine, "--quiet")
-    assert code == 2 and "not a demo output" in err and (mine / "notes.txt").exists()
-
-
-def test_demo_reruns_after_an_interrupted_run(tmp_path, run_cli, monkeypatch):
-    out = tmp_path / "demo"
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("data_prep.prep.run_prep", interrupted)
-    assert run_cli("demo", "--out", out, "--shape", 48, 80, 128, "--resolution", 32, "--quiet")[0] == 130
-    monkeypatch.undo()
-    code, _, err = run_cli("demo", "--out", out, "--shape", 48, 80, 128, "--resolution", 32, "--quiet")
-    assert code == 0, err

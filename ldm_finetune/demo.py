@@ -1,0 +1,256 @@
+"""`ldm-finetune demo`: the whole pipeline on built-in synthetic data, on a CPU, in about ten minutes.
+
+    phantom CT volumes -> prep (captioned thickness/warp/weft slices, leak-free split) -> tiny random-init SD
+    -> LoRA+DreamBooth and Textual Inversion (recipes/*.yaml through `accelerate launch`) -> generation
+    -> class-conditional pixel DDPM from scratch (recipes/ddpm_pixel.yaml through `accelerate launch`)
+    -> evaluation report (fidelity per class, classifier, memorisation, 3D consistency, prompt-drift probes)
+
+The tiny SD has random weights and no language: its stages show that the mechanics run end to end (training,
+shareable files, loading them back, generation, evaluation), not what Stable Diffusion learns. The pixel DDPM trains
+from scratch on the slices and does learn them within minutes; the report says which is which.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ldm_finetune.errors import TrainingStopped, UserError
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+# LoRA+DreamBooth's four concepts (recipes/lora_dreambooth.yaml) and the classes each one covers in the report
+DREAMBOOTH_PROMPTS = {"dry": "a w17h3r texture", "injected": "a 1nj3C7 texture"}
+DREAMBOOTH_SAMPLES = ["a w17h3r texture", "a th1ck texture", "a w@rp texture", "a 1nj3C7 texture"]
+# Textual Inversion's initialisers must be single tokens of the tiny tokenizer (the shipped recipe uses CLIP words)
+TI_INITIALIZERS = {"dry": "dry", "dry-compacted": "compacted", "injected": "injected"}
+TI_CAPTION = "A {token} of a carbon composite material"
+DDPM_MODEL = {"model.base_channels": 32, "model.channel_mult": "[1,2,2]", "model.layers_per_block": 1,
+              "model.attention_resolutions": "[8]", "train.batch_size": 32, "train.learning_rate": 1e-3,
+              "train.lr_warmup_steps": 20, "ema.decay": 0.99}  # 1 s/step on 2 CPU cores, learns in ~300 steps
+
+
+# what each stage writes that a rerun must not reuse (training appends to metrics.jsonl, evaluation reuses images)
+STAGE_OUTPUTS = {"lora-dreambooth": ["runs/lora_dreambooth"], "textual-inversion": ["runs/textual_inversion"],
+                 "generate": ["generated"], "ddpm-pixel": ["runs/ddpm_pixel"], "evaluate": ["evaluation"]}
+
+
+@dataclass
+class DemoSettings:
+    out: Path = Path("demo_out")
+    shape: tuple[int, int, int] = (96, 192, 256)  # dry phantom volume (D, H, W)
+    resolution: int = 64  # prep image side; the SD recipes train at it
+    sd_steps: int = 100  # optimizer steps of each SD recipe
+    ddpm_steps: int = 300  # optimizer steps of the pixel DDPM
+    ddpm_resolution: int = 32
+    eval_images: int = 8  # generated images per class and model in the evaluation
+    seed: int = 0
+    quiet: bool = False  # no progress bars
+
+
+def ti_token(state: str) -> str:
+    return f"<{state}-slice>"
+
+
+def run_demo(settings: DemoSettings) -> Path:
+    """Every stage in order; returns the evaluation report's path."""
+    out = settings.out
+    _claim(out)
+    stages = [("phantom", "synthetic CT volumes of a 3D-woven composite", _phantom),
+              ("prep", "captioned thickness/warp/weft slices, split without leakage", _prep),
+              ("tiny-model", "a small random-init Stable Diffusion pipeline (no download)", _tiny_model),
+              ("lora-dreambooth", "recipes/lora_dreambooth.yaml on the tiny model", _lora_dreambooth),
+              ("textual-inversion", "recipes/textual_inversion.yaml on the tiny model", _textual_inversion),
+              ("generate", "images from the LoRA and the embeddings, loaded back as files", _generate),
+              ("ddpm-pixel", "recipes/ddpm_pixel.yaml: a class-conditional pixel DDPM from scratch", _ddpm),
+              ("evaluate", "fidelity, memorisation, consistency and prompt drift, as an HTML report", _evaluate)]
+    timings = {}
+    for k, (name, what, stage) in enumerate(stages, 1):
+        for stale in STAGE_OUTPUTS.get(name, []):  # a rerun starts each stage afresh, never on an older run's files
+            shutil.rmtree(out / stale, ignore_errors=True)
+        print(f"\n[{k}/{len(stages)}] {name}: {what}", flush=True)
+        started = time.perf_counter()
+        stage(settings)
+        timings[name] = round(time.perf_counter() - started, 1)
+        print(f"[{k}/{len(stages)}] {name} done in {timings[name]:.0f} s", flush=True)
+        _mark(out, {"status": "running", "done": list(timings), "seconds": timings})
+    report = out / "evaluation" / "report.html"
+    _mark(out, {"status": "done", "seconds": timings, "report": str(report),
+                "settings": {k: str(v) for k, v in asdict(settings).items()}})
+    _summary(settings, timings, report)
+    return report
+
+
+def _claim(out: Path) -> None:
+    """Refuse a folder that holds something else; mark it as a demo folder before any work, so a rerun after an
+    interruption may reuse it."""
+    if out.exists() and any(out.iterdir()) and not (out / "demo.json").is_file():
+        raise UserError(f"{out}: folder is not empty and is not a demo output; choose another --out")
+    if not (RECIPES / "lora_dreambooth.yaml").is_file():
+        raise UserError(f"{RECIPES}: the recipe YAMLs are missing; run the demo from a source checkout "
+                        "(pip install -e .)")
+    out.mkdir(parents=True, exist_ok=True)
+    _mark(out, {"status": "running"})
+
+
+def _mark(out: Path, state: dict) -> None:
+    (out / "demo.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+# --- stages ----------------------------------------------------------------------------------------------------------
+
+def _phantom(s: DemoSettings) -> None:
+    from data_prep.phantom import write_phantoms
+
+    paths = write_phantoms(s.out / "volumes", tuple(s.shape), seed=s.seed)
+    for state, path in paths.items():
+        print(f"  {path}  ({state})")
+
+
+def _prep(s: DemoSettings) -> None:
+    from data_prep.config import PrepConfig, VolumeSpec
+    from data_prep.prep import run_prep, summary_table
+
+    volumes = [VolumeSpec(p.stem, p) for p in sorted((s.out / "volumes").glob("*.tif"))]
+    manifest = run_prep(PrepConfig(volumes=volumes, out=s.out / "dataset", resolution=s.resolution,
+                                   overwrite=True), show_progress=not s.quiet)
+    print(summary_table(manifest))
+
+
+def _tiny_model(s: DemoSettings) -> None:
+    from ldm_finetune.models import write_tiny_model
+
+    print(f"  {write_tiny_model(s.out / 'tiny-sd', seed=s.seed)}")
+
+
+def _sd_overrides(s: DemoSettings, name: str) -> dict:
+    """What turns a shipped SD recipe into a CPU run on the tiny model (every other key is the recipe's own)."""
+    return {"model.pretrained": s.out / "tiny-sd", "data.train_dir": s.out / "dataset" / "train",
+            "output_dir": s.out / "runs" / name, "data.resolution": s.resolution, "data.num_workers": 0,
+            "train.max_steps": s.sd_steps, "train.lr_warmup_steps": min(10, s.sd_steps),
+            "train.learning_rate": 1e-3, "train.mixed_precision": "no", "checkpoint.every_steps": "null",
+            "validation.every_steps": "null", "validation.num_inference_steps": 20}
+
+
+def _lora_dreambooth(s: DemoSettings) -> None:
+    launch("lora_dreambooth.yaml", _sd_overrides(s, "lora_dreambooth"), s)
+
+
+def _textual_inversion(s: DemoSettings) -> None:
+    concepts = ", ".join(f"{{token: '{ti_token(state)}', initializer: {word}, select: {{state: {state}}}, "
+                         f"num_images: 9, caption: '{TI_CAPTION}'}}" for state, word in TI_INITIALIZERS.items())
+    prompts = ", ".join(f"'{TI_CAPTION.format(token=ti_token(state))}'" for state in TI_INITIALIZERS)
+    launch("textual_inversion.yaml", _sd_overrides(s, "textual_inversion") | {
+        "data.concepts": f"[{concepts}]", "train.learning_rate": 5e-3, "validation.prompts": f"[{prompts}]"}, s)
+
+
+def _generate(s: DemoSettings) -> None:
+    from ldm_finetune.generate import GenerateSettings, generate
+
+    model = str(s.out / "tiny-sd")
+    runs = s.out / "runs"
+    jobs = {"lora_dreambooth": GenerateSettings(DREAMBOOTH_SAMPLES, n=2, steps=20, height=s.resolution,
+                                                width=s.resolution, grayscale=True,
+                                                loras=[(str(runs / "lora_dreambooth"), 1.0)]),
+            "textual_inversion": GenerateSettings([TI_CAPTION.format(token=ti_token(t)) for t in TI_INITIALIZERS],
+                                                  n=2, steps=20, height=s.resolution, width=s.resolution,
+                                                  grayscale=True,
+                                                  embeddings=[str(runs / "textual_inversion" / "embeddings")])}
+    for name, job in jobs.items():
+        paths = generate(model, job, s.out / "generated" / name)
+        print(f"  {len(paths)} images -> {s.out / 'generated' / name}")
+
+
+def _ddpm(s: DemoSettings) -> None:
+    launch("ddpm_pixel.yaml", DDPM_MODEL | {
+        "data.train_dir": s.out / "dataset" / "train", "output_dir": s.out / "runs" / "ddpm_pixel",
+        "data.resolution": s.ddpm_resolution, "data.num_workers": 0, "train.max_steps": s.ddpm_steps,
+        "train.lr_warmup_steps": min(20, s.ddpm_steps), "train.mixed_precision": "no",
+        "checkpoint.every_steps": "null", "validation.every_steps": "null"}, s)
+
+
+def _evaluate(s: DemoSettings) -> None:
+    import yaml
+
+    from ldm_finetune.evalconfig import run_config
+
+    path = s.out / "evaluate.yaml"
+    path.write_text(yaml.safe_dump(evaluation_config(s), sort_keys=False))
+    print(f"  config: {path}")
+    run_config(path, s.out / "evaluation")
+
+
+def evaluation_config(s: DemoSettings) -> dict:
+    """Five sets against the real slices: the tiny base, its LoRA+DreamBooth and Textual Inversion, the pixel DDPM,
+    and the local-score baseline (what patch-copying alone gives)."""
+    runs, tiny = s.out / "runs", str(s.out / "tiny-sd")
+    states = ["dry", "dry-compacted", "injected"]
+    orientations = ["thickness", "warp", "weft"]
+    return {
+        "real": str(s.out / "dataset"),
+        "models": [
+            {"name": "tiny-base", "kind": "sd", "model": tiny},
+            {"name": "tiny-lora-dreambooth", "kind": "sd", "model": tiny, "loras": [str(runs / "lora_dreambooth")],
+             "concepts": {f"{st}/{o}": p for st, p in DREAMBOOTH_PROMPTS.items() for o in orientations}},
+            {"name": "tiny-textual-inversion", "kind": "sd", "model": tiny,
+             "embeddings": [str(runs / "textual_inversion" / "embeddings")],
+             "concepts": {f"{st}/{o}": TI_CAPTION.format(token=ti_token(st)) for st in states for o in orientations}},
+            {"name": "ddpm-pixel", "kind": "pixel", "model": str(runs / "ddpm_pixel" / "model")},
+            {"name": "local-score", "kind": "local_score", "patch": 5}],
+        "seeds": list(range(s.eval_images)),
+        "probe_seeds": [0, 1],
+        "sampler": {"steps": 20},
+        "bootstrap": 20,
+        "notes": [
+            "Demo run on synthetic phantom volumes. The three tiny-* models are a random-init Stable Diffusion "
+            "with no pretrained knowledge, fine-tuned for a few CPU steps: they show that training, the shareable "
+            "files, loading and generation work, not image quality. Expect them far from the real slices.",
+            f"ddpm-pixel was trained from scratch on these slices for {s.ddpm_steps} steps at {s.ddpm_resolution} "
+            "px (upscaled here): it is the model that shows real learning. Compare it with local-score, the "
+            "training-free baseline that stitches training patches together."]}
+
+
+# --- launching recipes -----------------------------------------------------------------------------------------------
+
+def launch(recipe: str, overrides: dict, s: DemoSettings) -> None:
+    """`accelerate launch -m ldm_finetune.train recipes/RECIPE KEY=VALUE ...` as a user would type it, in a child
+    process; its progress bar is shown and its whole output kept in OUT/logs/<recipe>.log."""
+    args = [f"{k}={v}" for k, v in overrides.items()]
+    shown = " ".join(shlex.quote(a) for a in args)
+    print(f"  $ accelerate launch -m ldm_finetune.train recipes/{recipe} {shown}", flush=True)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldm_finetune.train",
+           str(RECIPES / recipe), *args]
+    log = s.out / "logs" / f"{Path(recipe).stem}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            sink.write(chunk)
+            if not s.quiet:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+        code = proc.wait()
+    if code:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        reason = ([line for line in lines if line.startswith("error:")] or lines or ["no output"])[-1]
+        raise TrainingStopped(f"{recipe} failed (exit {code}): {reason} (whole output: {log})")
+
+
+def _summary(s: DemoSettings, timings: dict, report: Path) -> None:
+    total = sum(timings.values())
+    print(f"\ndemo finished in {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
+    print(f"  dataset:            {s.out / 'dataset'}  (datasets.load_dataset('imagefolder', data_dir=...))")
+    print(f"  LoRA (diffusers):   {s.out / 'runs' / 'lora_dreambooth' / 'pytorch_lora_weights.safetensors'}")
+    print(f"  embeddings:         {s.out / 'runs' / 'textual_inversion' / 'embeddings'}/  (A1111: a1111/)")
+    print(f"  generated images:   {s.out / 'generated'}/")
+    print(f"  pixel DDPM:         {s.out / 'runs' / 'ddpm_pixel' / 'model'}/  "
+          f"(samples: {s.out / 'runs' / 'ddpm_pixel' / 'samples'}/)")
+    print(f"\nOpen the report in a browser: {report.resolve()}")
