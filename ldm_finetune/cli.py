@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dry phantom size (default: 96 192 256)")
     p.add_argument("--resolution", type=int, default=64, help="slice side in pixels, SD stages (default: 64)")
     p.add_argument("--sd-steps", type=int, default=100, help="steps of each SD recipe (default: 100)")
-    p.add_argument("--ddpm-steps", type=int, default=300, help="steps of the pixel DDPM (default: 300)")
+    p.add_argument("--ddpm-steps", type=int, default=500, help="steps of the pixel DDPM (default: 500)")
     p.add_argument("--ddpm-resolution", type=int, default=32, help="pixel DDPM side (default: 32)")
     p.add_argument("--eval-images", type=int, default=8,
                    help="generated images per class and model for the evaluation (default: 8)")

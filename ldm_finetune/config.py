@@ -380,6 +380,7 @@ class PixelValidationConfig:
     images_per_class: int = 2
     sampler: Literal["ddpm", "ddim"] = "ddim"
     steps: int = 50  # DDIM steps
+    eta: float = 0.0  # DDIM eta: 0 deterministic; 1 stochastic, more forgiving of an under-trained model
     guidance: float = 1.0  # classifier-free guidance scale (1: conditional model only)
     seed: int = 0
 

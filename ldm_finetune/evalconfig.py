@@ -8,7 +8,7 @@ weight-free suite (evaluate.py) plus the prompt-drift probes.
       - {name: db, kind: sd, model: models/sd21-base, loras: [runs/lora_dreambooth],
          concepts: {dry/thickness: "a w17h3r texture"}}   # its own trigger words; only these classes
       - {name: ddpm, kind: pixel, model: runs/ddpm_pixel/model}
-      - {name: mosaic, kind: local_score, patch: 5}
+      - {name: mosaic, kind: local_score, patch: 5, classes: [dry/warp]}   # slow: one class only
       - {name: mine, kind: folder, path: my_samples}      # DIR/<state>__<orientation>/*.png
     concepts: {dry/thickness: "sf_dry sf_thickness", ...}  # class -> prompt for the SD models
     probes: [horse on a beach, two zebras, a texture]
@@ -45,6 +45,7 @@ class ModelEntry:
     base: bool = False  # the reference model of the probes (default: the first sd model without adapters)
     # sd: class -> prompt for this model alone (fine-tunes have their own trigger words); only these classes
     concepts: dict[str, str] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)  # evaluate on these classes only (e.g. a slow baseline)
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
@@ -64,6 +65,7 @@ class SamplerSettings:
     resolution: Optional[int] = None  # SD image side; null: the real slices' size
     pixel_sampler: Literal["ddpm", "ddim"] = "ddim"  # pixel DDPM and local-score baseline
     pixel_steps: int = 50
+    pixel_eta: float = 0.0  # DDIM eta of the pixel DDPM (1: stochastic, better for a briefly trained model)
     pixel_guidance: float = 1.0
 
 
@@ -134,7 +136,7 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
             continue
         folder = out / "images" / entry.name
         folders[entry.name] = folder
-        wanted = [(c, s) for c in (list(entry.concepts) or classes) for s in cfg.seeds
+        wanted = [(c, s) for c in (entry.classes or list(entry.concepts) or classes) for s in cfg.seeds
                   if not (folder / class_folder(c) / f"{s:04d}.png").is_file()]
         probes = [(p, s) for p in cfg.probes for s in cfg.probe_seeds
                   if entry.kind == "sd" and not (folder / "probes" / f"{slug(p)}_{s:04d}.png").is_file()]
@@ -172,7 +174,8 @@ def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: 
         if entry.model not in loaded:
             loaded[entry.model] = load_pixel_model(entry.model)
         model = loaded[entry.model]
-        images, _ = model.sample(1, cls, s.pixel_sampler, s.pixel_steps, guidance=s.pixel_guidance, seed=seed)
+        images, _ = model.sample(1, cls, s.pixel_sampler, s.pixel_steps, eta=s.pixel_eta, guidance=s.pixel_guidance,
+                                 seed=seed)
     else:
         from ldm_finetune.denoisers import local_denoiser
         from ldm_finetune.diffusion import make_schedule, sample
@@ -204,7 +207,8 @@ def run_config(path: Path, out: Path) -> Path:
     cfg = load_eval_config(path)
     real = load_real(cfg.real, "train", cfg.size, cfg.max_real)
     classes = list(cfg.concepts) or real.known_classes()
-    for where, names in [("concepts", classes)] + [(f"models[{m.name}].concepts", m.concepts) for m in cfg.models]:
+    per_model = [(f"models[{m.name}].{key}", list(getattr(m, key))) for m in cfg.models for key in ("concepts", "classes")]
+    for where, names in [("concepts", classes)] + per_model:
         unknown = [c for c in names if c not in real.known_classes()]
         if unknown:
             raise UserError(f"{path}: {where}: {unknown[0]!r} is not a class of {cfg.real} "

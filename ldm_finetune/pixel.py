@@ -237,8 +237,8 @@ def validation_grid(run: PixelRun, ema, classes: list[str], step: int, tag: str)
                        classes, {})
     rows = []
     for name in classes or [None]:
-        images, _ = model.sample(v.images_per_class, name, v.sampler, v.steps, guidance=v.guidance, seed=v.seed,
-                                 device=run.accelerator.device)
+        images, _ = model.sample(v.images_per_class, name, v.sampler, v.steps, eta=v.eta, guidance=v.guidance,
+                                 seed=v.seed, device=run.accelerator.device)
         rows.append(np.concatenate(to_uint(images), axis=1))
     path = Path(cfg.output_dir) / "samples" / f"{tag}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
