@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,9 @@ SMALLEST = ["--shape", "32", "64", "96", "--resolution", "32", "--sd-steps", "2"
 
 def demo(*args):
     cmd = [sys.executable, "-m", "ldm_finetune.cli", "demo", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # one thread: pytest-xdist already runs one test per core
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
 
 
 def test_demo_runs_every_stage_and_writes_a_report(tmp_path):
