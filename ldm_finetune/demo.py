@@ -211,7 +211,7 @@ def evaluation_config(s: DemoSettings) -> dict:
              "classes": ["dry/thickness", "dry-compacted/warp", "injected/weft"]}],
         "seeds": list(range(s.eval_images)),
         "probe_seeds": [0, 1],
-        "sampler": {"steps": 20, "pixel_eta": 1.0},
+        "sampler": {"steps": 10, "pixel_eta": 1.0},  # the tiny SD: mechanics, not quality
         "bootstrap": 20,
         "notes": [
             "Demo run on synthetic phantom volumes. The three tiny-* models are a random-init Stable Diffusion "
