@@ -22,7 +22,6 @@ import platform
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -90,12 +89,12 @@ def recipe_defaults(recipe: str) -> dict:
 
 
 def measure(recipe: str, model: Path, train_dir: Path, work: Path, args) -> dict:
+    from ldm_finetune.demo import launch_command
+
     out = work / "runs" / recipe
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldm_finetune.train",
-           str(ROOT / "recipes" / f"{recipe}.yaml"), *overrides(recipe, model, train_dir, out, args)]
+    cmd = launch_command(ROOT / "recipes" / f"{recipe}.yaml", overrides(recipe, model, train_dir, out, args))
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
     start = time.time()
     # own process group: on a timeout the launcher *and* the training process it started are stopped

@@ -193,18 +193,19 @@ def _evaluate(s: DemoSettings) -> None:
 def evaluation_config(s: DemoSettings) -> dict:
     """Five sets against the real slices: the tiny base, its LoRA+DreamBooth and Textual Inversion, the pixel DDPM,
     and the local-score baseline (what patch-copying alone gives)."""
+    from data_prep.geometry import ORIENTATIONS
+    from data_prep.phantom import STATES
+
     runs, tiny = s.out / "runs", str(s.out / "tiny-sd")
-    states = ["dry", "dry-compacted", "injected"]
-    orientations = ["thickness", "warp", "weft"]
     return {
         "real": str(s.out / "dataset"),
         "models": [
             {"name": "tiny-base", "kind": "sd", "model": tiny},
             {"name": "tiny-lora-dreambooth", "kind": "sd", "model": tiny, "loras": [str(runs / "lora_dreambooth")],
-             "concepts": {f"{st}/{o}": p for st, p in DREAMBOOTH_PROMPTS.items() for o in orientations}},
+             "concepts": {f"{st}/{o}": p for st, p in DREAMBOOTH_PROMPTS.items() for o in ORIENTATIONS}},
             {"name": "tiny-textual-inversion", "kind": "sd", "model": tiny,
              "embeddings": [str(runs / "textual_inversion" / "embeddings")],
-             "concepts": {f"{st}/{o}": TI_CAPTION.format(token=ti_token(st)) for st in states for o in orientations}},
+             "concepts": {f"{st}/{o}": TI_CAPTION.format(token=ti_token(st)) for st in STATES for o in ORIENTATIONS}},
             {"name": "ddpm-pixel", "kind": "pixel", "model": str(runs / "ddpm_pixel" / "model")},
             # the patch baseline costs seconds per image on a CPU: one class per cut
             {"name": "local-score", "kind": "local_score", "patch": 5,
@@ -224,6 +225,14 @@ def evaluation_config(s: DemoSettings) -> dict:
 
 # --- launching recipes -----------------------------------------------------------------------------------------------
 
+def launch_command(recipe: Path, overrides: list[str], launcher_flags=()) -> list[str]:
+    """`accelerate launch` of one process with every launcher setting explicit (no `accelerate config` needed, and
+    none of its warnings about defaults)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", *launcher_flags, "-m", "ldm_finetune.train",
+            str(recipe), *overrides]
+
+
 def launch(recipe: str, overrides: dict, s: DemoSettings) -> None:
     """`accelerate launch -m ldm_finetune.train recipes/RECIPE KEY=VALUE ...` as a user would type it, in a child
     process; its progress bar is shown and its whole output kept in OUT/logs/<recipe>.log."""
@@ -233,9 +242,7 @@ def launch(recipe: str, overrides: dict, s: DemoSettings) -> None:
     # accelerate launch runs a CPU process with OMP_NUM_THREADS=1 unless told otherwise: measured, the demo's pixel
     # DDPM then takes 1.06 s/step instead of 0.57 s on 2 cores
     threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", threads,
-           "-m", "ldm_finetune.train", str(RECIPES / recipe), *args]
+    cmd = launch_command(RECIPES / recipe, args, ["--num_cpu_threads_per_process", threads])
     log = s.out / "logs" / f"{Path(recipe).stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
