@@ -55,8 +55,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="generated images, and real training images")
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
-    from ldm_finetune.evaluate import evaluate_sets
-    from ldm_finetune.imagesets import load_generated
+    from ldm_finetune.evaluation.evaluate import evaluate_sets
+    from ldm_finetune.evaluation.imagesets import load_generated
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

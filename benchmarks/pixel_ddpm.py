@@ -24,9 +24,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def setup(resolution: int, device: str):
-    from ldm_finetune.config import load_config
-    from ldm_finetune.pixel import PixelModel, build_unet, noise_scheduler_for
-    from ldm_finetune.diffusion import make_schedule
+    from ldm_finetune.models.diffusion import make_schedule
+    from ldm_finetune.models.pixel_unet import PixelModel, build_unet, noise_scheduler_for
+    from ldm_finetune.training.config import load_config
 
     cfg = load_config(ROOT / "recipes" / "ddpm_pixel.yaml", [f"data.resolution={resolution}",
                                                               "data.train_dir=unused"])
@@ -45,18 +45,20 @@ def sync(device):
 def train_speed(cfg, unet, noise_scheduler, batch: int, steps: int, device: str) -> float:
     from accelerate import Accelerator
 
-    from ldm_finetune.pixel import PixelRun, pixel_step
+    from ldm_finetune.training.pixel import PixelDDPMTask
 
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if device == "cuda" else "no")
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    run = PixelRun(cfg, accelerator, unet, noise_scheduler, null_label=9)
+    task = PixelDDPMTask(cfg)
+    task.accelerator, task.model, task.noise_scheduler, task.classes = accelerator, unet, noise_scheduler, \
+        [f"class-{i}" for i in range(9)]
     r = cfg.data.resolution
     data = {"pixel_values": torch.rand(batch, 1, r, r, device=device) * 2 - 1,
             "label": torch.randint(0, 9, (batch,), device=device)}
 
     def step():
         with accelerator.autocast():
-            loss = pixel_step(run, data)
+            loss = task.loss(data)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -72,7 +74,7 @@ def train_speed(cfg, unet, noise_scheduler, batch: int, steps: int, device: str)
 
 def sample_speed(model, n: int, sampler: str, steps: int, guidance: float, device: str) -> float:
     """images/s for a full sampling run with `steps` denoiser calls (ddpm: steps of the 1000-step chain)."""
-    from ldm_finetune.diffusion import Schedule
+    from ldm_finetune.models.diffusion import Schedule
 
     timed_model = model
     if sampler == "ddpm" and steps < model.schedule.T:

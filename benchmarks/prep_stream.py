@@ -58,7 +58,7 @@ def child(args) -> dict:
         import numpy as np
         import tifffile
 
-        from data_prep.io import write_png
+        from ldm_finetune.core.io import write_png
 
         with open(volume, "rb") as fh:
             while fh.read(16 << 20):

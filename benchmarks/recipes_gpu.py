@@ -43,7 +43,7 @@ def prepare(work: Path, preset: str, resolution: int, shape: list[int]) -> tuple
     from data_prep.config import PrepConfig, VolumeSpec
     from data_prep.phantom import write_phantoms
     from data_prep.prep import run_prep
-    from ldm_finetune.models import build_pipeline
+    from ldm_finetune.models.stable_diffusion import build_pipeline
 
     model = work / f"model_{preset}"
     if not (model / "model_index.json").is_file():
@@ -80,7 +80,7 @@ def overrides(recipe: str, model: Path, train_dir: Path, out: Path, args) -> lis
 
 
 def recipe_defaults(recipe: str) -> dict:
-    from ldm_finetune.config import load_config
+    from ldm_finetune.training.config import load_config
 
     cfg = load_config(ROOT / "recipes" / f"{recipe}.yaml")
     return {"batch_size": cfg.train.batch_size, "default_steps": cfg.train.max_steps,

@@ -41,7 +41,7 @@ def prepare(work: Path, resolution: int) -> tuple[Path, Path]:
     from data_prep.config import PrepConfig, VolumeSpec
     from data_prep.phantom import STATES, write_phantoms
     from data_prep.prep import run_prep
-    from ldm_finetune.models import write_tiny_model
+    from ldm_finetune.models.stable_diffusion import write_tiny_model
 
     volumes = write_phantoms(work / "volumes", (64, 128, 192), seed=0)
     run_prep(PrepConfig(volumes=[VolumeSpec(s, volumes[s]) for s in STATES], out=work / "data",

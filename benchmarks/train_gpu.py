@@ -32,14 +32,13 @@ def peak_flops(device_name: str, override: float | None) -> float | None:
 
 
 def build_run(preset: str, args, device: str):
-    """A training Run like train() builds, on a random-init pipeline of the preset."""
+    """The Stable Diffusion training task as fit() sets it up, on a random-init pipeline of the preset."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from ldm_finetune.adapters import make_adapter
-    from ldm_finetune.config import load_config
-    from ldm_finetune.models import Components, build_pipeline
-    from ldm_finetune.train import Run, build_noise_scheduler, prepare_models
+    from ldm_finetune.models.stable_diffusion import Components, build_pipeline
+    from ldm_finetune.training.config import load_config
+    from ldm_finetune.training.stable_diffusion import StableDiffusionTask, build_noise_scheduler, prepare_models
 
     AcceleratorState._reset_state(reset_partial_state=False)
     precision = "bf16" if device == "cuda" else "no"
@@ -53,8 +52,8 @@ def build_run(preset: str, args, device: str):
     components = Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
                             DDPMScheduler.from_config(pipe.scheduler.config))
     weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    adapter = make_adapter(cfg)
-    prepare_models(cfg, components, adapter, weight_dtype, accelerator.device)
+    task = StableDiffusionTask(cfg)
+    prepare_models(cfg, components, task.adapter, weight_dtype, accelerator.device)
     unet = accelerator.prepare(components.unet)
     side = args.resolution // 8
     n = 64  # cached latent moments of 64 "images"; their values do not change the cost
@@ -63,21 +62,22 @@ def build_run(preset: str, args, device: str):
     text_cache = {"sf_dry sf_thickness": torch.randn(77, dim)}
     components.vae.to("cpu")
     components.text_encoder.to("cpu")
-    run = Run(cfg, accelerator, components, build_noise_scheduler(cfg, components.noise_scheduler), unet,
-              components.text_encoder, weight_dtype, torch.float32, moments, text_cache, adapter)
+    components.noise_scheduler = build_noise_scheduler(cfg, components.noise_scheduler)
+    task.accelerator, task.components, task.noise_scheduler = accelerator, components, components.noise_scheduler
+    task.unet, task.text_encoder, task.weight_dtype, task.vae_dtype = unet, components.text_encoder, weight_dtype, \
+        torch.float32
+    task.latent_moments, task.text_cache = moments, text_cache
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
-    return run, optimizer
+    return task, optimizer
 
 
 def measure(preset: str, args, device: str) -> dict:
-    from ldm_finetune.train import training_step
-
     run, optimizer = build_run(preset, args, device)
     batch = {"index": torch.arange(args.batch) % 64, "caption": ["sf_dry sf_thickness"] * args.batch}
 
     def step():
         with run.accelerator.autocast():
-            loss = training_step(run, batch)
+            loss = run.loss(batch)
         run.accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

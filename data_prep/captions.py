@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import string
 
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.errors import UserError
 
 STYLES = {
     "prefix": "sf_{state} sf_{orientation}",

@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 
 from data_prep.captions import resolve_template
 from data_prep.geometry import ORIENTATIONS
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.errors import UserError
 
 # A state becomes part of file names and captions: letters, digits, '.', '_' and '-' only.
 _STATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

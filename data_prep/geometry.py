@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.errors import UserError
 
 ORIENTATIONS = ("thickness", "warp", "weft")
 SPLITS = ("train", "validation")

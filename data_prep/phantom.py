@@ -27,7 +27,7 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
-from data_prep.io import atomic_path
+from ldm_finetune.core.io import atomic_path
 
 STATES = ("dry", "dry-compacted", "injected")
 N_LAYERS = 5  # weft layers through the thickness

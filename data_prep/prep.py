@@ -16,15 +16,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from data_prep.captions import caption
 from data_prep.config import PrepConfig, VolumeSpec
 from data_prep.geometry import ORIENTATIONS, SPLITS, SplitBlocks, Tile, plan_tiles, tile_sides
-from data_prep.io import atomic_dir, write_png
 from data_prep.slicer import CutSettings, cut_volume
 from data_prep.volume import Volume, open_volume
 from data_prep.window import Histogram, percentile_window, sample_histogram
-from ldm_finetune.configtools import to_dict
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.configtools import to_dict
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.core.io import atomic_dir, write_png
+from ldm_finetune.core.version import __version__
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ldm_finetune.prep/1"
@@ -117,8 +120,6 @@ def _sha256(paths: list[Path]) -> list[dict]:
 
 def run_prep(cfg: PrepConfig, show_progress: bool = True) -> dict:
     """Build the dataset described by `cfg`; returns the manifest (also written to OUT/manifest.json)."""
-    from tqdm import tqdm
-
     _check_out(cfg.out, cfg.overwrite)
     jobs: list[Job] = []
     try:
@@ -190,8 +191,6 @@ def _counts(rows: dict) -> dict:
 
 
 def _manifest(cfg: PrepConfig, jobs: list[Job], plans: list[dict], hashes: list, rows: dict) -> dict:
-    from ldm_finetune import __version__
-
     return {
         "format": MANIFEST_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -23,7 +23,8 @@ from PIL import Image
 
 from data_prep.geometry import Plane, Tile, planes, resampled_depth
 from data_prep.volume import Volume
-from data_prep.window import quantize, to_unit
+from data_prep.window import to_unit
+from ldm_finetune.core.io import quantize
 
 # How the memory budget is shared: a slab of pages (25 %), its per-plane copy for the spools (at most the same), and
 # the spools themselves when they fit in the remaining half; beyond that they go to scratch files.

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import numpy as np
 import tifffile
 
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.errors import UserError
 
 # dtype kinds we can window and quantize: unsigned/signed integers and floats (uint8, uint16, int16, float32 are
 # what CT tools write; wider ones are accepted and handled on the float path).

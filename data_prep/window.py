@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.errors import UserError
 
 # A value at an end of the histogram is padding when it holds at least this share of the samples and this many
 # times more voxels than the next-most-common value nearby: real noisy CT data has no such isolated spike.
@@ -108,11 +108,3 @@ def to_unit(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     lo, hi = window
     x = np.nan_to_num(image.astype(np.float32, copy=False), nan=lo, posinf=hi, neginf=lo)
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0, dtype=np.float32)
-
-
-def quantize(unit: np.ndarray, bits: int) -> np.ndarray:
-    """[0, 1] floats -> uint8 or uint16, rounding once; the 16-bit path never passes through 8 bits."""
-    if bits == 8:
-        return np.rint(unit * 255.0).astype(np.uint8)
-    assert bits == 16, bits
-    return np.rint(unit * 65535.0).astype(np.uint16)

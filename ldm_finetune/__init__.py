@@ -1,6 +1,10 @@
 """ldm_finetune: fine-tune latent diffusion models on X-ray tomography of 3D-woven composites.
 
-Importing this package is cheap (no torch): heavy modules are imported where they are used.
+Layers, each a sub-package that imports only the ones before it (ARCHITECTURE.md):
+core <- data_prep <- data <- models <- sharing <- adapters <- training <- generation <- evaluation <- cli, demo.
+Importing this package is cheap (no torch).
 """
 
-__version__ = "0.1.0"
+from ldm_finetune.core.version import __version__
+
+__all__ = ["__version__"]

@@ -1,16 +1,24 @@
 """`ldm-finetune` command line: one subcommand per stage of the pipeline.
 
-User mistakes (`UserError`) print one line on stderr and exit with status 2, never a traceback. Heavy libraries
-(torch, diffusers) are imported inside the subcommands that need them, so `prep` and `--help` start fast.
+User mistakes (`UserError`) print one line on stderr and exit with status 2, never a traceback. Each subcommand
+imports its layer when it runs (see the note below the imports), so `prep` and `--help` start fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from ldm_finetune.errors import UserError, run_guarded
+import yaml
+
+from ldm_finetune.arguments import add_train_arguments, parse_with_overrides
+from ldm_finetune.core.configtools import from_dict, load_yaml, to_dict
+from ldm_finetune.core.errors import UserError, run_guarded
+
+# Each subcommand imports its own layer when it runs, not here: importing the training stack (torch, diffusers,
+# transformers, peft) takes ~10 s on a 2-core machine, and `ldm-finetune --help` or `prep` should not wait for it.
 
 
 def _phantom(args: argparse.Namespace) -> None:
@@ -44,7 +52,6 @@ def _pair(text: str, flag: str, kind=float) -> list:
 
 def _prep_settings(args: argparse.Namespace) -> dict:
     """Prep config dict: the YAML file (if any), then every flag the user gave on top."""
-    from ldm_finetune.configtools import load_yaml
 
     data = load_yaml(args.config) if args.config else {}
     if args.volume:
@@ -103,11 +110,8 @@ def _strides(text: str):
 
 
 def _prep(args: argparse.Namespace) -> None:
-    import yaml
-
     from data_prep.config import PrepConfig
     from data_prep.prep import empty_combinations, run_prep, summary_table
-    from ldm_finetune.configtools import from_dict, to_dict
 
     cfg = from_dict(PrepConfig, _prep_settings(args))
     if args.dry_run:
@@ -121,7 +125,7 @@ def _prep(args: argparse.Namespace) -> None:
 
 
 def _tiny_model(args: argparse.Namespace) -> None:
-    from ldm_finetune.models import write_tiny_model
+    from ldm_finetune.models.stable_diffusion import write_tiny_model
 
     out = write_tiny_model(args.out, seed=args.seed, prediction_type=args.prediction_type)
     print(f"tiny random-init Stable Diffusion pipeline written to {out}")
@@ -142,7 +146,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from ldm_finetune.generate import GenerateSettings, generate, parse_lora_arg
+    from ldm_finetune.generation.generate import GenerateSettings, generate, parse_lora_arg
 
     settings = GenerateSettings(
         prompts=args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
@@ -153,38 +157,37 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from ldm_finetune.pixel import sample_command
+    from ldm_finetune.generation.sample import SampleSettings, sample_images
 
-    written = sample_command(args)
+    written = sample_images(SampleSettings(**{f.name: getattr(args, f.name) for f in fields(SampleSettings)}))
     print(f"{len(written)} images written to {args.out}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from ldm_finetune.evaluate import run_evaluate
+    from ldm_finetune.evaluation.config import run_config
+    from ldm_finetune.evaluation.evaluate import evaluate_folders
 
-    path = run_evaluate(args)
+    if args.config is not None:
+        path = run_config(args.config, args.out)
+    elif args.real is None or not args.generated:
+        raise UserError("evaluate needs a CONFIG.yaml, or --real DIR and at least one --generated DIR")
+    else:
+        path = evaluate_folders(args.real, args.generated, args.out, args.size, args.max_real, args.bootstrap,
+                                args.seed, args.copy_ncc)
     print(f"report: {path / 'report.html'}  (numbers in {path / 'metrics.json'})")
 
 
 def _identifiers(args: argparse.Namespace) -> None:
-    from ldm_finetune.identifiers import run
+    from ldm_finetune.models.identifiers import run
 
     print("\n".join(run(args.model, args.check or [], args.n)))
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ldm_finetune.lora import export_kohya
+    from ldm_finetune.sharing.lora import export_kohya
 
     out = export_kohya(args.lora, args.out)
     print(f"kohya / A1111 / ComfyUI LoRA written to {out}")
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `ldm-finetune train` and `python -m ldm_finetune.train` (one definition for both)."""
-    parser.add_argument("config", type=Path, metavar="CONFIG.yaml", help="recipe YAML, e.g. recipes/lora.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides parsed as YAML scalars, e.g. train.max_steps=10 data.resolution=64")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,16 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
     return parser
-
-
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """parse_args that also accepts KEY=VALUE overrides after flags (`train CONFIG --dry-run a.b=1`)."""
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = list(args.overrides) + extra
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

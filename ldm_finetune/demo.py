@@ -22,15 +22,35 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ldm_finetune.errors import TrainingStopped, UserError
+import yaml
+
+from data_prep.config import PrepConfig, VolumeSpec
+from data_prep.geometry import ORIENTATIONS
+from data_prep.phantom import STATES, write_phantoms
+from data_prep.prep import run_prep, summary_table
+from ldm_finetune.core.classes import class_key
+from ldm_finetune.core.errors import TrainingStopped, UserError
+from ldm_finetune.evaluation.config import run_config
+from ldm_finetune.generation.generate import GenerateSettings, generate
+from ldm_finetune.models.stable_diffusion import write_tiny_model
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
 # LoRA+DreamBooth's four concepts (recipes/lora_dreambooth.yaml) and the classes each one covers in the report
 DREAMBOOTH_PROMPTS = {"dry": "a w17h3r texture", "injected": "a 1nj3C7 texture"}
+
+
 DREAMBOOTH_SAMPLES = ["a w17h3r texture", "a th1ck texture", "a w@rp texture", "a 1nj3C7 texture"]
+
+
 # Textual Inversion's initialisers must be single tokens of the tiny tokenizer (the shipped recipe uses CLIP words)
 TI_INITIALIZERS = {"dry": "dry", "dry-compacted": "compacted", "injected": "injected"}
+
+
 TI_CAPTION = "A {token} of a carbon composite material"
+
+
 # a 32-px pixel DDPM that learns the weave on 2 CPU cores in ~5 min (0.6 s/step): tows and binder gaps in the cuts,
 # the interlaced tows of the thickness planes. DDIM with eta 1 samples it cleanly; with eta 0 some seeds of so
 # brief a training end in residual noise (measured: 2 of 4 seeds), the stochastic steps correct the score's errors
@@ -107,10 +127,7 @@ def _mark(out: Path, state: dict) -> None:
     (out / "demo.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
-# --- stages ----------------------------------------------------------------------------------------------------------
-
 def _phantom(s: DemoSettings) -> None:
-    from data_prep.phantom import write_phantoms
 
     paths = write_phantoms(s.out / "volumes", tuple(s.shape), seed=s.seed)
     for state, path in paths.items():
@@ -118,8 +135,6 @@ def _phantom(s: DemoSettings) -> None:
 
 
 def _prep(s: DemoSettings) -> None:
-    from data_prep.config import PrepConfig, VolumeSpec
-    from data_prep.prep import run_prep, summary_table
 
     volumes = [VolumeSpec(p.stem, p) for p in sorted((s.out / "volumes").glob("*.tif"))]
     manifest = run_prep(PrepConfig(volumes=volumes, out=s.out / "dataset", resolution=s.resolution,
@@ -128,7 +143,6 @@ def _prep(s: DemoSettings) -> None:
 
 
 def _tiny_model(s: DemoSettings) -> None:
-    from ldm_finetune.models import write_tiny_model
 
     print(f"  {write_tiny_model(s.out / 'tiny-sd', seed=s.seed)}")
 
@@ -155,7 +169,6 @@ def _textual_inversion(s: DemoSettings) -> None:
 
 
 def _generate(s: DemoSettings) -> None:
-    from ldm_finetune.generate import GenerateSettings, generate
 
     model = str(s.out / "tiny-sd")
     runs = s.out / "runs"
@@ -180,9 +193,6 @@ def _ddpm(s: DemoSettings) -> None:
 
 
 def _evaluate(s: DemoSettings) -> None:
-    import yaml
-
-    from ldm_finetune.evalconfig import run_config
 
     path = s.out / "evaluate.yaml"
     path.write_text(yaml.safe_dump(evaluation_config(s), sort_keys=False))
@@ -193,8 +203,6 @@ def _evaluate(s: DemoSettings) -> None:
 def evaluation_config(s: DemoSettings) -> dict:
     """Five sets against the real slices: the tiny base, its LoRA+DreamBooth and Textual Inversion, the pixel DDPM,
     and the local-score baseline (what patch-copying alone gives)."""
-    from data_prep.geometry import ORIENTATIONS
-    from data_prep.phantom import STATES
 
     runs, tiny = s.out / "runs", str(s.out / "tiny-sd")
     return {
@@ -202,10 +210,10 @@ def evaluation_config(s: DemoSettings) -> dict:
         "models": [
             {"name": "tiny-base", "kind": "sd", "model": tiny},
             {"name": "tiny-lora-dreambooth", "kind": "sd", "model": tiny, "loras": [str(runs / "lora_dreambooth")],
-             "concepts": {f"{st}/{o}": p for st, p in DREAMBOOTH_PROMPTS.items() for o in ORIENTATIONS}},
+             "concepts": {class_key(st, o): p for st, p in DREAMBOOTH_PROMPTS.items() for o in ORIENTATIONS}},
             {"name": "tiny-textual-inversion", "kind": "sd", "model": tiny,
              "embeddings": [str(runs / "textual_inversion" / "embeddings")],
-             "concepts": {f"{st}/{o}": TI_CAPTION.format(token=ti_token(st)) for st in STATES for o in ORIENTATIONS}},
+             "concepts": {class_key(st, o): TI_CAPTION.format(token=ti_token(st)) for st in STATES for o in ORIENTATIONS}},
             {"name": "ddpm-pixel", "kind": "pixel", "model": str(runs / "ddpm_pixel" / "model")},
             # the patch baseline costs seconds per image on a CPU: one class per cut
             {"name": "local-score", "kind": "local_score", "patch": 5,
@@ -222,8 +230,6 @@ def evaluation_config(s: DemoSettings) -> dict:
             "px (upscaled here): it is the model that shows real learning. Compare it with local-score, the "
             "training-free baseline that stitches training patches together."]}
 
-
-# --- launching recipes -----------------------------------------------------------------------------------------------
 
 def launch_command(recipe: Path, overrides: list[str], launcher_flags=()) -> list[str]:
     """`accelerate launch` of one process with every launcher setting explicit (no `accelerate config` needed, and

@@ -17,7 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 from data_prep.phantom import write_phantoms  # noqa: E402
-from ldm_finetune.cli import main  # noqa: E402
+from ldm_finetune.cli import main
 
 # Small enough for fast tests, large enough that every state x orientation gets train and validation tiles at 32 px.
 SMALL_DRY_SHAPE = (48, 80, 128)
@@ -45,7 +45,7 @@ def run_cli(capsys):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The tiny random-init SD pipeline in diffusers layout, built once per session."""
-    from ldm_finetune.models import write_tiny_model
+    from ldm_finetune.models.stable_diffusion import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 

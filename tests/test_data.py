@@ -10,8 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_finetune.data import CaptionedImages, load_image, read_records, sample_latents, to_pixel_values
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.core.io import load_image
+from ldm_finetune.data.caches import sample_latents
+from ldm_finetune.data.images import CaptionedImages, to_pixel_values
+from ldm_finetune.data.records import read_records
 
 
 def write_folder(folder, rows, images=True):

@@ -123,8 +123,8 @@ def eval_config(tmp_path, prep_dataset, models):
 
 def test_config_form_with_sd_lora_pixel_and_baseline(prep_dataset, tiny_model_dir, small_train_dir, tmp_path,
                                                      run_cli):
-    from tests.conftest import lora_overrides
     from ldm_finetune.train import main as train
+    from tests.conftest import lora_overrides
 
     lora = tmp_path / "lora"
     assert train([str(Path(__file__).parent.parent / "recipes" / "lora.yaml"),
@@ -153,8 +153,8 @@ def test_config_bad_models(prep_dataset, tmp_path, tiny_model_dir, run_cli):
     code, _, err = run_cli("evaluate", config, "--out", tmp_path / "a")
     assert code == 2 and "/nonexistent/model does not exist" in err
     bad_lora = tmp_path / "bad.safetensors"
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"unet.down_blocks.9.attn.to_q.lora_A.weight": torch.zeros(4, 32),
                "unet.down_blocks.9.attn.to_q.lora_B.weight": torch.zeros(32, 4)}, str(bad_lora))

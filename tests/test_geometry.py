@@ -10,7 +10,7 @@ import tifffile
 from PIL import Image
 
 from data_prep.geometry import plan_tiles, spread
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.errors import UserError
 
 D, H, W = 16, 40, 56  # z < 16, y < 64, x < 64: value = z*4096 + y*64 + x fits in uint16 exactly
 

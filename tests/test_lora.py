@@ -12,11 +12,19 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm_finetune import lora
-from ldm_finetune.config import LoraConfig
-from ldm_finetune.errors import UserError
-from ldm_finetune.generate import GenerateSettings, generate, parse_lora_arg
-from ldm_finetune.models import build_pipeline
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.core.layout import LORA_WEIGHT_NAME
+from ldm_finetune.generation.generate import GenerateSettings, generate, parse_lora_arg
+from ldm_finetune.models.lora import add_lora, lora_state_dict
+from ldm_finetune.models.stable_diffusion import build_pipeline
+from ldm_finetune.sharing.lora import (
+    DIFFUSERS_METADATA_KEY,
+    check_lora_fits,
+    read_lora,
+    save_lora,
+    to_kohya,
+)
+from ldm_finetune.training.config import LoraConfig
 
 
 def images(pipe, prompt="sf_dry sf_thickness"):
@@ -30,7 +38,7 @@ def random_lora(tmp_path_factory):
     """A LoRA with large random B matrices (rank 4, alpha 8) on attention, ResNet convs and the text encoder, saved
     the way training saves it, plus the images the adapted pipeline renders."""
     pipe = build_pipeline("tiny")
-    lora.add_lora(pipe.unet, pipe.text_encoder, LoraConfig(rank=4, alpha=8.0, targets=["attention", "resnet"],
+    add_lora(pipe.unet, pipe.text_encoder, LoraConfig(rank=4, alpha=8.0, targets=["attention", "resnet"],
                                                            text_encoder=True))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -38,9 +46,9 @@ def random_lora(tmp_path_factory):
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.3)
-    weights, meta = lora.lora_state_dict(pipe.unet, pipe.text_encoder)
+    weights, meta = lora_state_dict(pipe.unet, pipe.text_encoder)
     folder = tmp_path_factory.mktemp("lora")
-    lora.save_lora(folder, weights, meta, {"ldm_finetune.recipe": "lora", "modelspec.architecture": "sd-cross32/lora",
+    save_lora(folder, weights, meta, {"ldm_finetune.recipe": "lora", "modelspec.architecture": "sd-cross32/lora",
                                            "ldm_finetune.tag_frequency": json.dumps({"sf_dry": 3})})
     return folder, images(pipe)
 
@@ -124,7 +132,7 @@ def _renamed(weights, old, new):
 
 def test_a_lora_for_another_model_is_an_error_not_a_silent_no_op(random_lora, tiny_model_dir, tmp_path, run_cli):
     folder, _ = random_lora
-    weights = load_file(folder / lora.LORA_WEIGHT_NAME)
+    weights = load_file(folder / LORA_WEIGHT_NAME)
     # modules that this UNet does not have (as with an SDXL LoRA on SD 1.x)
     alien = tmp_path / "alien.safetensors"
     save_file(_renamed(weights, "down_blocks.0", "down_blocks.7"), str(alien))
@@ -136,18 +144,18 @@ def test_a_lora_for_another_model_is_an_error_not_a_silent_no_op(random_lora, ti
     key = next(k for k in weights if k.endswith("attn2.to_k.lora_A.weight"))
     wide = dict(weights, **{key: torch.zeros(4, 48)})
     with pytest.raises(UserError, match=r"wrong width .*attn2.to_k \(LoRA input 48, model 32\)"):
-        lora.check_lora_fits(wide, build_pipeline("tiny"), "wide")
+        check_lora_fits(wide, build_pipeline("tiny"), "wide")
     with pytest.raises(UserError, match="no LoRA weights found"):
-        lora.check_lora_fits({"foo": torch.zeros(1)}, build_pipeline("tiny"), "empty")
+        check_lora_fits({"foo": torch.zeros(1)}, build_pipeline("tiny"), "empty")
 
 
 def test_kohya_names_are_checked_too(random_lora):
     folder, _ = random_lora
-    weights, meta = lora.read_lora(folder)
-    kohya = lora.to_kohya(weights, json.loads(meta[lora.DIFFUSERS_METADATA_KEY]))
-    lora.check_lora_fits(kohya, build_pipeline("tiny"), "ok")  # fits
+    weights, meta = read_lora(folder)
+    kohya = to_kohya(weights, json.loads(meta[DIFFUSERS_METADATA_KEY]))
+    check_lora_fits(kohya, build_pipeline("tiny"), "ok")  # fits
     with pytest.raises(UserError, match="do not exist"):
-        lora.check_lora_fits(_renamed(kohya, "lora_unet_up_blocks_1", "lora_unet_up_blocks_9"),
+        check_lora_fits(_renamed(kohya, "lora_unet_up_blocks_1", "lora_unet_up_blocks_9"),
                              build_pipeline("tiny"), "bad")
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ldm_finetune import metrics as M
+from ldm_finetune.evaluation import metrics as M
 
 
 def fields(n, seed, size=64, sigma=2.0):
@@ -83,7 +83,7 @@ def test_prdc_identical_vs_disjoint():
 def test_descriptor_classifier_separates_classes():
     thresholds = M.multi_otsu(REAL, 3)
     coarse, fine = fields(20, 3, sigma=4.0), fields(20, 4, sigma=1.0)
-    from ldm_finetune.evaluate import compute_stats
+    from ldm_finetune.evaluation.evaluate import compute_stats
 
     def descriptors(images):
         return compute_stats(images, thresholds).descriptors()

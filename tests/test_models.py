@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from ldm_finetune.errors import UserError
-from ldm_finetune.models import build_pipeline, load_components
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.models.stable_diffusion import build_pipeline, load_components
 
 
 def test_tiny_model_cli_writes_a_diffusers_pipeline(tmp_path, run_cli):
@@ -59,7 +59,7 @@ def test_not_a_model_folder(tmp_path):
 
 def test_full_size_presets_have_sd_shapes():
     """sd15 / sd21: the real architectures (random weights) for speed benchmarks; checked on config only."""
-    from ldm_finetune.models import _arch
+    from ldm_finetune.models.stable_diffusion import _arch
 
     assert _arch("sd15")["unet"]["cross_attention_dim"] == 768
     assert _arch("sd21")["unet"]["cross_attention_dim"] == 1024

@@ -6,7 +6,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ldm_finetune.noise import min_snr_weights, perturb_noise, sample_noise, snr, training_target
+from ldm_finetune.models.noise import (
+    min_snr_weights,
+    perturb_noise,
+    sample_noise,
+    snr,
+    training_target,
+)
 
 ALPHAS = torch.tensor([0.9, 0.5, 0.1])  # SNR = 9, 1, 1/9
 T = torch.tensor([0, 1, 2])

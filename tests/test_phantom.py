@@ -5,7 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.phantom import AIR, BINDER, MATRIX, RESIN, STATES, VOID, WARP, WEFT, PhantomVolume, write_volume_tiff
+from data_prep.phantom import (
+    AIR,
+    BINDER,
+    MATRIX,
+    RESIN,
+    STATES,
+    VOID,
+    WARP,
+    WEFT,
+    PhantomVolume,
+    write_volume_tiff,
+)
 from data_prep.volume import open_volume
 
 DRY = (64, 96, 128)

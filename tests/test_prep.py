@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from data_prep import io as prep_io
 from data_prep.phantom import STATES
 from data_prep.prep import MANIFEST
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.core.io import atomic_path
 
 
 def volumes_args(phantom_dir):
@@ -212,7 +212,7 @@ def test_config_file(phantom_dir, tmp_path, run_cli):
 def test_atomic_path_cleans_up(tmp_path):
     target = tmp_path / "f.bin"
     with pytest.raises(RuntimeError):
-        with prep_io.atomic_path(target) as tmp:
+        with atomic_path(target) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError
     assert os.listdir(tmp_path) == []

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ldm_finetune.config import load_config
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.training.config import load_config
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 LORA = Path(__file__).parent.parent / "recipes" / "lora.yaml"

@@ -62,7 +62,7 @@ def test_full_finetune_exports_a_pipeline_with_the_ema_weights(tiny_model_dir, s
 
 
 def test_ema_update_rule():
-    from ldm_finetune.adapters import EMA
+    from ldm_finetune.models.ema import EMA
 
     p = torch.nn.Parameter(torch.zeros(3))
     ema = EMA([p], decay=0.9, device="cpu")
@@ -112,7 +112,7 @@ def test_textual_inversion_bad_tokens(tiny_model_dir, prep_dataset, tmp_path, ca
 
 
 def test_generate_loads_embeddings_in_both_layouts(tiny_model_dir, prep_dataset, tmp_path):
-    from ldm_finetune.generate import GenerateSettings, generate
+    from ldm_finetune.generation.generate import GenerateSettings, generate
 
     out = tmp_path / "ti"
     assert train("textual_inversion.yaml", tiny_model_dir, prep_dataset / "train", out,
@@ -129,7 +129,7 @@ def test_generate_loads_embeddings_in_both_layouts(tiny_model_dir, prep_dataset,
 # --- DreamBooth ----------------------------------------------------------------------------------------------------
 
 def test_prior_preservation_loss_uses_the_class_half_with_its_weight():
-    from ldm_finetune.objectives import prior_preservation_loss
+    from ldm_finetune.training.dreambooth import prior_preservation_loss
 
     per_sample = torch.tensor([1.0, 3.0, 10.0, 20.0])  # 2 instance, 2 class samples
     assert prior_preservation_loss(per_sample, 2, 0.5).item() == pytest.approx(2.0 + 0.5 * 15.0)
@@ -137,10 +137,10 @@ def test_prior_preservation_loss_uses_the_class_half_with_its_weight():
 
 
 def test_base_model_context_gives_the_frozen_prediction():
-    from ldm_finetune.adapters import LoraAdapter
-    from ldm_finetune.config import load_config
-    from ldm_finetune.lora import add_lora
-    from ldm_finetune.models import build_pipeline
+    from ldm_finetune.adapters.lora import LoraAdapter
+    from ldm_finetune.models.lora import add_lora
+    from ldm_finetune.models.stable_diffusion import build_pipeline
+    from ldm_finetune.training.config import load_config
 
     cfg = load_config(RECIPES / "lora.yaml")
     pipe, base = build_pipeline("tiny"), build_pipeline("tiny")
@@ -233,7 +233,7 @@ def test_class_folder_with_non_images_is_an_error(tiny_model_dir, prep_dataset, 
 def test_pivotal_tuning_phases_and_both_file_forms(tiny_model_dir, prep_dataset, tmp_path):
     from PIL import Image
 
-    from ldm_finetune.generate import GenerateSettings, generate
+    from ldm_finetune.generation.generate import GenerateSettings, generate
 
     out = tmp_path / "piv"
     assert train("pivotal_tuning.yaml", tiny_model_dir, prep_dataset / "train", out, **{

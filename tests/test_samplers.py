@@ -8,9 +8,18 @@ import math
 import pytest
 import torch
 
-from ldm_finetune.denoisers import empirical_denoiser, gmm_denoiser, local_denoiser
-from ldm_finetune.diffusion import (DIFFUSERS_SCHEDULE, ddim_timesteps, make_schedule, sample,
-                                    x0_from_prediction)
+from ldm_finetune.models.denoisers import (
+    empirical_denoiser,
+    gmm_denoiser,
+    local_denoiser,
+)
+from ldm_finetune.models.diffusion import (
+    DIFFUSERS_SCHEDULE,
+    ddim_timesteps,
+    make_schedule,
+    sample,
+    x0_from_prediction,
+)
 
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=torch.float64)
 WEIGHTS = torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)

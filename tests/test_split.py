@@ -7,7 +7,7 @@ import json
 import pytest
 
 from data_prep.geometry import Footprint, SplitBlocks, plan_tiles
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.errors import UserError
 
 
 @pytest.mark.parametrize("axis", ["x", "y"])

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from data_prep.volume import natural_key, open_volume
-from ldm_finetune.errors import UserError
+from ldm_finetune.core.errors import UserError
 
 SHAPE = (9, 12, 14)
 

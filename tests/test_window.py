@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.window import Histogram, percentile_window, quantize, sample_pages, to_unit
-from ldm_finetune.errors import UserError
+from data_prep.window import Histogram, percentile_window, sample_pages, to_unit
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.core.io import quantize
 
 
 def test_histogram_percentiles_are_exact():

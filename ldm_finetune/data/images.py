@@ -1,0 +1,121 @@
+"""Datasets of training images: grey slices read at full precision, resized and cropped to the training side,
+as (3, R, R) for SD's VAE or (1, R, R) for the pixel DDPM, in [-1, 1]; and the batch collation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm_finetune.core.io import load_image
+from ldm_finetune.data.records import Record, class_name
+
+
+def _resize_float(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize of a float image, channel by channel (PIL's 'F' mode keeps full precision)."""
+    if array.shape[:2] == size[::-1]:
+        return array
+    if array.ndim == 2:
+        return np.asarray(Image.fromarray(array, mode="F").resize(size, Image.BICUBIC))
+    return np.stack([_resize_float(array[..., c], size) for c in range(array.shape[2])], axis=-1)
+
+
+def to_pixel_values(array: np.ndarray, resolution: int, center_crop: bool = True, flip: bool = False,
+                    rng: np.random.Generator | None = None, rgb: bool = True) -> torch.Tensor:
+    """Shorter side -> resolution, square crop, optional flip; returns (3, R, R) in [-1, 1] ((1, R, R) for a grey
+    image with rgb=False: the pixel DDPM models one channel)."""
+    h, w = array.shape[:2]
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    array = _resize_float(array, (nw, nh))
+    if center_crop or rng is None:
+        top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    else:
+        top, left = int(rng.integers(0, nh - resolution + 1)), int(rng.integers(0, nw - resolution + 1))
+    array = array[top:top + resolution, left:left + resolution]
+    if flip:
+        array = array[:, ::-1]
+    if array.ndim == 2:
+        # grey CT -> the RGB input SD's VAE was trained on, or kept as one channel
+        array = np.repeat(array[..., None], 3 if rgb else 1, axis=2)
+    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return (tensor.clamp(0, 1) * 2.0 - 1.0).float()
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Items {"index", "caption"} plus "pixel_values" (3, R, R) unless latents come from a cache."""
+
+    def __init__(self, records: list[Record], resolution: int, center_crop: bool = True, random_flip: bool = False,
+                 repeats: int = 1, load_pixels: bool = True):
+        self.records, self.resolution = records, resolution
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.repeats, self.load_pixels = repeats, load_pixels
+
+    def __len__(self) -> int:
+        return len(self.records) * self.repeats
+
+    def pixels(self, index: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        flip = bool(self.random_flip and rng is not None and rng.random() < 0.5)
+        return to_pixel_values(load_image(self.records[index].path), self.resolution, self.center_crop, flip, rng)
+
+    def __getitem__(self, i: int) -> dict:
+        index = i % len(self.records)
+        record = self.records[index]
+        item = {"index": index, "caption": record.caption}
+        if "prior_prompt" in record.meta:
+            item["prior_prompt"] = record.meta["prior_prompt"]
+        if self.load_pixels:
+            rng = None
+            if self.random_flip or not self.center_crop:
+                # augmentation randomness from torch's RNG, so it is seeded and restored on resume like the rest
+                rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+            item["pixel_values"] = self.pixels(index, rng)
+        return item
+
+
+class PairedImages(torch.utils.data.Dataset):
+    """DreamBooth with prior preservation: every instance item comes with a class item (keys prefixed class_)."""
+
+    def __init__(self, instance: CaptionedImages, prior: CaptionedImages):
+        self.instance, self.prior = instance, prior
+
+    def __len__(self) -> int:
+        return max(len(self.instance), len(self.prior))
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.instance[i % len(self.instance)])
+        item.update({f"class_{k}": v for k, v in self.prior[i % len(self.prior)].items()})
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    """Tensors stacked (pixel_values: (B, 3, R, R)), indices as a tensor, strings as lists."""
+    batch = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+class LabelledSlices(torch.utils.data.Dataset):
+    """Items {"index", "pixel_values": (1, R, R) in [-1, 1], "label": class index}."""
+
+    def __init__(self, records, resolution: int, classes: list[str], columns: list[str], random_flip: bool = False,
+                 repeats: int = 1):
+        self.records, self.resolution, self.random_flip, self.repeats = records, resolution, random_flip, repeats
+        self.labels = [classes.index(class_name(r, columns)) for r in records]
+
+    def __len__(self) -> int:
+        return len(self.records) * self.repeats
+
+    def __getitem__(self, i: int) -> dict:
+
+        index = i % len(self.records)
+        flip = bool(self.random_flip and torch.rand(()).item() < 0.5)
+        pixels = to_pixel_values(load_image(self.records[index].path), self.resolution, flip=flip, rgb=False)
+        return {"index": index, "pixel_values": pixels, "label": self.labels[index]}

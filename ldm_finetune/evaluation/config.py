@@ -1,0 +1,291 @@
+"""`ldm-finetune evaluate CONFIG.yaml --out DIR`: generate what is missing from the models to compare, then run the
+weight-free suite (evaluate.py) plus the prompt-drift probes.
+
+    real: data/composite                   # prep output: train/ and validation/
+    models:
+      - {name: base, kind: sd, model: models/sd21-base}
+      - {name: lora, kind: sd, model: models/sd21-base, loras: [runs/lora]}
+      - {name: db, kind: sd, model: models/sd21-base, loras: [runs/lora_dreambooth],
+         concepts: {dry/thickness: "a w17h3r texture"}}   # its own trigger words; only these classes
+      - {name: ddpm, kind: pixel, model: runs/ddpm_pixel/model}
+      - {name: mosaic, kind: local_score, patch: 5, classes: [dry/warp]}   # slow: one class only
+      - {name: mine, kind: folder, path: my_samples}      # DIR/<state>__<orientation>/*.png
+    concepts: {dry/thickness: "sf_dry sf_thickness", ...}  # class -> prompt for the SD models
+    probes: [horse on a beach, two zebras, a texture]
+    notes: ["what a reader must know first"]           # shown at the top of the report
+
+Images go to OUT/images/<model>/<state>__<orientation>/<seed>.png and OUT/images/<model>/probes/; a rerun reuses
+them and only generates the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm_finetune.core.classes import class_folder, split_class
+from ldm_finetune.core.configtools import from_dict, load_yaml
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.core.io import atomic_path, slug, to_image
+from ldm_finetune.evaluation import metrics as M
+from ldm_finetune.evaluation.evaluate import compute_stats, evaluate_sets
+from ldm_finetune.evaluation.imagesets import load_generated, load_real
+from ldm_finetune.evaluation.metrics import load_set
+from ldm_finetune.evaluation.report import _png
+from ldm_finetune.generation.generate import apply_embeddings, apply_loras, load_pipeline, parse_lora_arg, set_scheduler
+from ldm_finetune.generation.sample import baseline_slices
+from ldm_finetune.models.denoisers import local_denoiser
+from ldm_finetune.models.diffusion import make_schedule, sample
+from ldm_finetune.models.pixel_unet import load_pixel_model
+from ldm_finetune.models.stable_diffusion import render
+
+DEFAULT_PROBES = ["horse on a beach", "two zebras", "a texture"]
+
+
+@dataclass
+class ModelEntry:
+    name: str  # label in the report and folder name under OUT/images
+    kind: Literal["sd", "pixel", "local_score", "folder"]
+    model: Optional[str] = None  # sd: base model (folder or hub id); pixel: OUTPUT_DIR/model of ddpm_pixel
+    loras: list[str] = field(default_factory=list)  # sd: LoRA files or folders, "path[:scale]"
+    embeddings: list[str] = field(default_factory=list)  # sd: Textual Inversion files or folders
+    path: Optional[Path] = None  # folder: already generated images, DIR/<state>__<orientation>/*.png
+    patch: int = 5  # local_score: patch side
+    base: bool = False  # the reference model of the probes (default: the first sd model without adapters)
+    # sd: class -> prompt for this model alone (fine-tunes have their own trigger words); only these classes
+    concepts: dict[str, str] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)  # evaluate on these classes only (e.g. a slow baseline)
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
+            raise UserError(f"models: name {self.name!r} must be letters, digits, '.', '_' or '-'")
+        if self.kind in ("sd", "pixel") and not self.model:
+            raise UserError(f"models[{self.name}]: kind {self.kind} needs model")
+        if self.kind == "folder" and self.path is None:
+            raise UserError(f"models[{self.name}]: kind folder needs path")
+
+
+@dataclass
+class SamplerSettings:
+    steps: int = 30  # SD sampling steps
+    guidance: float = 7.5  # SD classifier-free guidance
+    scheduler: Optional[str] = None  # SD scheduler name (generate's --scheduler); null: the model's own
+    negative_prompt: str = ""
+    resolution: Optional[int] = None  # SD image side; null: the real slices' size
+    pixel_sampler: Literal["ddpm", "ddim"] = "ddim"  # pixel DDPM and local-score baseline
+    pixel_steps: int = 50
+    pixel_eta: float = 0.0  # DDIM eta of the pixel DDPM (1: stochastic, better for a briefly trained model)
+    pixel_guidance: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    real: Path  # prep output (train/ + validation/)
+    models: list[ModelEntry]
+    concepts: dict[str, str] = field(default_factory=dict)  # class -> prompt for SD models (default: all classes)
+    probes: list[str] = field(default_factory=lambda: list(DEFAULT_PROBES))  # prompt-drift probes
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7])  # one image per concept and seed
+    probe_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    size: Optional[int] = None  # compare at this size (default: the real slices' size)
+    max_real: Optional[int] = 100  # real slices per class and split
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    bootstrap: int = 50
+    copy_ncc: float = 0.95
+    seed: int = 0
+    clip_model: Optional[Path] = None  # a local CLIP folder enables CLIP text/image scores of the probes
+    notes: list[str] = field(default_factory=list)  # shown first in the report, after the automatic ones
+
+    def __post_init__(self):
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise UserError(f"models: names must differ (got {names})")
+        if not self.seeds:
+            raise UserError("seeds: give at least one seed")
+
+
+def load_eval_config(path: Path) -> EvalConfig:
+
+    try:
+        return from_dict(EvalConfig, load_yaml(path))
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def _save(image: np.ndarray, path: Path, grey: bool) -> None:
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        to_image(image, grayscale=grey).save(tmp, format="PNG")
+
+
+def _sd_pipeline(entry: ModelEntry):
+
+    pipe = load_pipeline(entry.model)
+    apply_embeddings(pipe, entry.embeddings)
+    apply_loras(pipe, [parse_lora_arg(x) for x in entry.loras])
+    return pipe
+
+
+def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) -> dict[str, Path]:
+    """Make every missing concept image (and SD probe image) of every model; returns model -> image folder."""
+
+    folders = {}
+    loaded: dict = {}  # pixel models and baseline slices, each loaded once for this run
+    for entry in cfg.models:
+        if entry.kind == "folder":
+            if not Path(entry.path).is_dir():
+                raise UserError(f"models[{entry.name}].path: {entry.path} is not a folder")
+            folders[entry.name] = Path(entry.path)
+            continue
+        folder = out / "images" / entry.name
+        folders[entry.name] = folder
+        wanted = [(c, s) for c in (entry.classes or list(entry.concepts) or classes) for s in cfg.seeds
+                  if not (folder / class_folder(c) / f"{s:04d}.png").is_file()]
+        probes = [(p, s) for p in cfg.probes for s in cfg.probe_seeds
+                  if entry.kind == "sd" and not (folder / "probes" / f"{slug(p)}_{s:04d}.png").is_file()]
+        if not wanted and not probes:
+            continue
+        print(f"generating {len(wanted) + len(probes)} images with {entry.name}")
+        if entry.kind == "sd":
+            pipe = _sd_pipeline(entry)
+            set_scheduler(pipe, cfg.sampler.scheduler)
+            side = cfg.sampler.resolution or size
+            for cls, seed in wanted:
+                prompt = entry.concepts.get(cls) or cfg.concepts.get(cls) or _default_prompt(cls)
+                (row,) = render(pipe, [prompt], [seed], cfg.sampler.steps, cfg.sampler.guidance,
+                                cfg.sampler.negative_prompt, side, side)
+                _save(row[0], folder / class_folder(cls) / f"{seed:04d}.png", grey=True)
+            for prompt, seed in probes:
+                (row,) = render(pipe, [prompt], [seed], cfg.sampler.steps, cfg.sampler.guidance,
+                                cfg.sampler.negative_prompt, side, side)
+                _save(row[0], folder / "probes" / f"{slug(prompt)}_{seed:04d}.png", grey=False)
+        else:
+            for cls, seed in wanted:
+                image = _pixel_image(entry, cfg, cls, seed, size, loaded)
+                _save(image, folder / class_folder(cls) / f"{seed:04d}.png", grey=True)
+    return folders
+
+
+def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: int, loaded: dict) -> np.ndarray:
+    """One (H, W, 3) image in [0, 1] from the pixel DDPM or the local-score baseline."""
+
+    s = cfg.sampler
+    if entry.kind == "pixel":
+
+        if entry.model not in loaded:
+            loaded[entry.model] = load_pixel_model(entry.model)
+        model = loaded[entry.model]
+        images, _ = model.sample(1, cls, s.pixel_sampler, s.pixel_steps, eta=s.pixel_eta, guidance=s.pixel_guidance,
+                                 seed=seed)
+    else:
+
+        key = ("local-score", cls)
+        if key not in loaded:
+            loaded[key] = baseline_slices(Path(cfg.real) / "train", cls, ["state", "orientation"], size, 64)
+        slices = loaded[key]
+        schedule = make_schedule("cosine")
+        images, _ = sample(local_denoiser(slices.double(), entry.patch, schedule), (1, *slices.shape[1:]),
+                           schedule, s.pixel_sampler, steps=s.pixel_steps,
+                           generator=torch.Generator().manual_seed(seed), clip=(-1.0, 1.0), dtype=torch.float64)
+    grey = ((images[0, 0].float().clamp(-1, 1) + 1) / 2).cpu().numpy()
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _default_prompt(cls: str) -> str:
+    state, orientation = split_class(cls)
+    return f"sf_{state} sf_{orientation}"  # the prep's default caption style
+
+
+def run_config(path: Path, out: Path) -> Path:
+
+    cfg = load_eval_config(path)
+    real = load_real(cfg.real, "train", cfg.size, cfg.max_real)
+    classes = list(cfg.concepts) or real.known_classes()
+    per_model = [(f"models[{m.name}].{key}", list(getattr(m, key))) for m in cfg.models for key in ("concepts", "classes")]
+    for where, names in [("concepts", classes)] + per_model:
+        unknown = [c for c in names if c not in real.known_classes()]
+        if unknown:
+            raise UserError(f"{path}: {where}: {unknown[0]!r} is not a class of {cfg.real} "
+                            f"(it has {', '.join(real.known_classes())})")
+    size = int(real.images.shape[1])
+    folders = generate_missing(cfg, out, classes, size)
+    generated = {name: load_generated(folder, name, size) for name, folder in folders.items()}
+    extra = {"notes": _notes(cfg) + cfg.notes, "probes": {}, "skipped": []}
+    extra["probes"] = probe_metrics(cfg, folders, real, size, extra["skipped"])
+    evaluate_sets(cfg.real, generated, out, size, cfg.max_real, cfg.bootstrap, cfg.seed, cfg.copy_ncc, extra,
+                  real_train=real)
+    return out
+
+
+def _notes(cfg: EvalConfig) -> list[str]:
+    """Plain warnings for the top of the report, e.g. when a base model is the tiny random-init one."""
+
+    notes = []
+    for entry in cfg.models:
+        if entry.kind != "sd" or not Path(entry.model).is_dir():
+            continue
+        config = Path(entry.model) / "unet" / "config.json"
+        if config.is_file() and max(json.loads(config.read_text())["block_out_channels"]) < 128:
+            notes.append(f"{entry.name}: built on a tiny random-init Stable Diffusion ({entry.model}); its images "
+                         "show that the pipeline runs (mechanics only), not what a real model learns.")
+    return notes
+
+
+def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, skipped: list) -> dict:
+    """Base vs each fine-tuned SD model on the probe prompts with identical seeds: SSIM / PSNR, colourfulness ratio,
+    CT-leakage (share of fine-tuned probe images nearer the CT set than the base model's probes, in descriptor
+    space). CLIP scores only with a local CLIP model."""
+
+    sd = [m for m in cfg.models if m.kind == "sd"]
+    base = next((m for m in sd if m.base), None) or next((m for m in sd if not m.loras and not m.embeddings), None)
+    if base is None or len(sd) < 2 or not cfg.probes:
+        skipped.append({"what": "prompt-drift probes", "reason": "need a base SD model and a fine-tuned one"})
+        return {}
+    skipped.append({"what": "LPIPS, KID", "reason": "need pretrained network weights; none are configured "
+                    "(only the weight-free probes ran)"})
+    if cfg.clip_model is None:
+        skipped.append({"what": "CLIP text/image scores", "reason": "no local CLIP model (set clip_model: PATH)"})
+    thresholds = M.multi_otsu(real.images, 3)
+    real_desc = compute_stats(real.images, thresholds).descriptors()
+    scale = M.Standardizer(real_desc)
+    out = {"base": base.name, "models": {}}
+    for entry in sd:
+        if entry is base:
+            continue
+        rows, grids, all_base, all_ft = {}, {}, [], []
+        for prompt in cfg.probes:
+            files = [f"{slug(prompt)}_{s:04d}.png" for s in cfg.probe_seeds]
+            b_rgb = [_rgb(folders[base.name] / "probes" / f) for f in files]
+            f_rgb = [_rgb(folders[entry.name] / "probes" / f) for f in files]
+            b_grey = load_set([folders[base.name] / "probes" / f for f in files], size)
+            f_grey = load_set([folders[entry.name] / "probes" / f for f in files], size)
+            all_base.append(b_grey)
+            all_ft.append(f_grey)
+            colour_b = np.mean([M.colourfulness(x) for x in b_rgb])
+            colour_f = np.mean([M.colourfulness(x) for x in f_rgb])
+            rows[prompt] = {"ssim": float(np.mean([M.ssim(a, b) for a, b in zip(b_grey, f_grey)])),
+                            "psnr": float(np.mean([min(M.psnr(a, b), 99.0) for a, b in zip(b_grey, f_grey)])),
+                            "colourfulness_ratio": float(colour_f / colour_b) if colour_b > 0 else float("nan")}
+            grids[prompt] = " ".join(_png(x) for x in b_rgb) + "<br>" + " ".join(_png(x) for x in f_rgb)
+        base_desc = scale(compute_stats(np.concatenate(all_base), thresholds).descriptors())
+        ct = scale(real_desc)
+        for i, prompt in enumerate(cfg.probes):
+            ft_desc = scale(compute_stats(all_ft[i], thresholds).descriptors())
+            near_ct = M.pairwise_msd(ft_desc, ct).min(1)
+            near_base = M.pairwise_msd(ft_desc, base_desc).min(1)
+            rows[prompt]["ct_leakage"] = float((near_ct < near_base).mean())
+        out["models"][entry.name] = {"prompts": rows, "grids": grids}
+    return out
+
+
+def _rgb(path: Path) -> np.ndarray:
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0

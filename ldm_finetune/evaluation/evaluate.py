@@ -1,0 +1,360 @@
+"""`ldm-finetune evaluate`: does each concept look like the real material, did the model copy its training slices,
+do its cuts agree in 3D — with weight-free metrics, each next to the real-vs-real floor (train vs validation).
+
+    ldm-finetune evaluate --real data/composite --generated samples/ --out eval/       (two image sets)
+    ldm-finetune evaluate eval.yaml --out eval/                                         (models, probes: config.py)
+
+Per-image statistics (grey histogram, log power spectrum, phase fractions, two-point curves, GLCM features) are
+computed once per set; set distances are functions of their means, so bootstrap intervals (resampling the generated
+images) cost almost nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ldm_finetune.core.classes import split_class
+from ldm_finetune.evaluation import metrics as M
+from ldm_finetune.evaluation.imagesets import ImageSet, check_sizes, load_generated, load_real
+from ldm_finetune.evaluation.report import write_report
+
+S2_LAGS = 16
+
+
+MIN_IMAGES = 4  # fewer images than this and a per-class statistic is skipped (the report says so)
+
+
+SWD_IMAGES = 32  # images per set in the pyramid SWD (64 patches each per level)
+
+
+@dataclass
+class Stats:
+    """Per-image statistics of one set (rows align with the set's images)."""
+    hist: np.ndarray  # (N, 256)
+    spectrum: np.ndarray  # (N, 32) log10 power
+    fractions: np.ndarray  # (N, P)
+    s2: np.ndarray  # (N, 2 axes, P, lags + 1)
+    glcm: np.ndarray  # (N, 8)
+
+    def take(self, index) -> "Stats":
+        return Stats(*(getattr(self, f)[index] for f in ("hist", "spectrum", "fractions", "s2", "glcm")))
+
+    def descriptors(self) -> np.ndarray:
+        """(N, D) per-image vector for PRDC and the classifier."""
+        coarse_hist = self.hist.reshape(len(self.hist), 16, -1).sum(2)
+        spec = self.spectrum[:, ::2]
+        s2 = self.s2[:, :, :, [1, 2, 4, 8]].reshape(len(self.s2), -1)
+        return np.concatenate([coarse_hist, spec, self.fractions, s2, self.glcm], axis=1)
+
+
+def compute_stats(images: np.ndarray, thresholds: np.ndarray, chunk: int = 32) -> Stats:
+    """All per-image statistics of a set in one vectorised pass (chunks bound the memory)."""
+    phases = len(thresholds) + 1
+    hist = np.empty((len(images), M.GREY_BINS))
+    fractions = np.empty((len(images), phases))
+    s2 = np.empty((len(images), 2, phases, S2_LAGS + 1))
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk]
+        c = len(x)
+        offset = (np.arange(c) * M.GREY_BINS)[:, None, None]
+        codes = offset + np.clip((x * M.GREY_BINS).astype(np.int64), 0, M.GREY_BINS - 1)
+        h = np.bincount(codes.ravel(), minlength=c * M.GREY_BINS).reshape(c, M.GREY_BINS)
+        hist[start:start + c] = h / h.sum(1, keepdims=True)
+        labels = M.segment(x, thresholds)
+        f = np.bincount((labels + (np.arange(c) * phases)[:, None, None]).ravel(), minlength=c * phases)
+        fractions[start:start + c] = f.reshape(c, phases) / labels[0].size
+        for a, axis in enumerate((1, 2)):
+            for p in range(phases):
+                if p in (0, phases - 1):  # darkest (voids) and brightest (yarns); the middle phase is implied
+                    s2[start:start + c, a, p] = M.two_point_per_image(labels, p, axis, S2_LAGS)
+                else:
+                    s2[start:start + c, a, p] = 0.0
+    return Stats(hist, M.radial_spectrum(images), fractions, s2, M.glcm_features(images))
+
+
+@dataclass
+class Measured:
+    """An image set with its statistics, computed once and sliced per class."""
+    images: ImageSet
+    stats: Stats
+
+    def of_class(self, cls: str | None) -> tuple[ImageSet, Stats]:
+        if cls is None:
+            return self.images, self.stats
+        index = np.flatnonzero(np.array(self.images.classes, dtype=object) == cls)
+        return self.images.of_class(cls), self.stats.take(index)
+
+
+def measure(images: ImageSet, thresholds) -> Measured:
+    return Measured(images, parallel_stats(images.images, thresholds) if len(images) else None)
+
+
+def parallel_stats(images: np.ndarray, thresholds, chunk: int = 16) -> Stats:
+    """compute_stats over chunks in two threads: the FFTs, bincounts and array arithmetic release the GIL, and
+    threads share the images (forking a process that holds gigabytes of slices costs more than it saves)."""
+
+    starts = range(0, len(images), chunk)
+    with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(lambda s: compute_stats(images[s:s + chunk], thresholds), starts))
+    return Stats(*(np.concatenate([getattr(r, f) for r in results])
+                   for f in ("hist", "spectrum", "fractions", "s2", "glcm")))
+
+
+def set_distances(real: Stats, other: Stats, glcm_scale: np.ndarray) -> dict[str, float]:
+    """Distances between two sets from their per-image statistics (all 0 for identical sets)."""
+    cdf = lambda s: np.cumsum(s.hist.mean(0))  # noqa: E731
+    return {
+        "grey_w1": float(np.abs(cdf(real) - cdf(other)).sum() / M.GREY_BINS),
+        "spectrum": float(np.abs(real.spectrum.mean(0) - other.spectrum.mean(0)).mean()),
+        "phase_fractions": float(np.abs(real.fractions.mean(0) - other.fractions.mean(0)).sum()),
+        "two_point": float(np.abs(real.s2.mean(0) - other.s2.mean(0)).mean()),
+        "glcm": float((np.abs(real.glcm.mean(0) - other.glcm.mean(0)) / glcm_scale).mean()),
+    }
+
+
+def bootstrap(real: Stats, other: Stats, glcm_scale, rounds: int, seed: int) -> dict[str, list[float]]:
+    """95 % percentile intervals of each distance, resampling the other set's images."""
+    rng = np.random.default_rng(seed)
+    n = len(other.hist)
+    samples = [set_distances(real, other.take(rng.integers(0, n, n)), glcm_scale) for _ in range(rounds)]
+    return {k: [float(np.percentile([s[k] for s in samples], 2.5)), float(np.percentile([s[k] for s in samples],
+                                                                                        97.5))]
+            for k in samples[0]}
+
+
+def fidelity(train: Measured, val: Measured, generated: dict[str, Measured], rounds: int, seed: int,
+             skipped: list) -> dict:
+    """Per class: each distance for every generated set with its interval, the real-vs-real floor, and the mean
+    curves (power spectrum, two-point) the report plots."""
+    classes = _shared_classes(train.images, {n: g.images for n, g in generated.items()})
+    out = {}
+    for cls in classes:
+        key = cls or "all"
+        t_images, t_stats = train.of_class(cls)
+        if len(t_images) < MIN_IMAGES:
+            skipped.append({"what": f"fidelity {key}", "reason": f"only {len(t_images)} real training images"})
+            continue
+        scale = t_stats.glcm.std(0) + 1e-8
+        entry = {"n_real": len(t_images), "curves": {"real": _curves(t_stats)}}
+        v_images, v_stats = val.of_class(cls) if val.stats is not None else (val.images, None)
+        # SWD estimates grow as samples shrink: every SWD of this class uses the same number of images
+        sizes = [len(t_images), len(v_images)] + [len(g.of_class(cls)[0]) for g in generated.values()]
+        n_swd = max(MIN_IMAGES, min([SWD_IMAGES] + [n for n in sizes if n >= MIN_IMAGES]))
+        entry["swd_images"] = n_swd
+        train_pyramid = M.laplacian_pyramid(t_images.images[:n_swd], M.pyramid_levels(t_images.images))
+        if v_stats is not None and len(v_images) >= MIN_IMAGES:
+            entry["floor"] = set_distances(t_stats, v_stats, scale)
+            entry["floor"]["swd"] = float(np.mean(M.pyramid_swd(t_images.images, v_images.images, seed=seed,
+                                                                 max_images=n_swd, pyramid_a=train_pyramid)))
+            entry["floor"].update({f"prdc_{k}": v for k, v in _prdc(t_stats, v_stats).items()})
+        else:
+            skipped.append({"what": f"floor {key}", "reason": f"only {len(v_images)} validation images"})
+        entry["models"] = {}
+        for name, gen in generated.items():
+            g_images, g_stats = gen.of_class(cls)
+            if len(g_images) < MIN_IMAGES:
+                skipped.append({"what": f"fidelity {key} / {name}", "reason": f"only {len(g_images)} generated "
+                                f"images (at least {MIN_IMAGES} needed)"})
+                continue
+            values = set_distances(t_stats, g_stats, scale)
+            values["swd"] = float(np.mean(M.pyramid_swd(t_images.images, g_images.images, seed=seed,
+                                                        max_images=n_swd, pyramid_a=train_pyramid)))
+            values.update({f"prdc_{k}": v for k, v in _prdc(t_stats, g_stats).items()})
+            entry["models"][name] = {"n": len(g_images), "values": values,
+                                     "ci": bootstrap(t_stats, g_stats, scale, rounds, seed)}
+            entry["curves"][name] = _curves(g_stats)
+        out[key] = entry
+    return out
+
+
+def _curves(stats: Stats) -> dict:
+    return {"spectrum": stats.spectrum.mean(0).tolist(), "s2_bright_x": stats.s2[:, 1, -1].mean(0).tolist()}
+
+
+def _prdc(real: Stats, other: Stats) -> dict[str, float]:
+    scale = M.Standardizer(real.descriptors())
+    return M.prdc(scale(real.descriptors()), scale(other.descriptors()))
+
+
+def _shared_classes(real: ImageSet, generated: dict[str, ImageSet]) -> list[str | None]:
+    gen_classes = sorted({c for g in generated.values() for c in g.known_classes()})
+    if not gen_classes or not real.known_classes():
+        return [None]
+    return [c for c in gen_classes if c in real.known_classes()]
+
+
+def classifier(train: Measured, val: Measured, generated: dict[str, Measured], skipped: list) -> dict:
+    """A descriptor classifier trained on real training slices: its accuracy on validation slices is the ceiling;
+    on generated slices it measures whether each prompt produced its concept."""
+    classes = train.images.known_classes()
+    if len(classes) < 2:
+        skipped.append({"what": "concept classifier", "reason": "the real set has fewer than 2 classes"})
+        return {}
+    clf = M.DescriptorClassifier(train.stats.descriptors(), list(train.images.classes))
+    out = {"classes": clf.classes}
+    if val.stats is not None and len(val.images):
+        predicted = clf.predict(val.stats.descriptors())
+        out["ceiling_accuracy"] = float(np.mean([p == t for p, t in zip(predicted, val.images.classes)]))
+    out["models"] = {}
+    for name, gen in generated.items():
+        labelled = [i for i, c in enumerate(gen.images.classes) if c in clf.classes]
+        if not labelled:
+            skipped.append({"what": f"concept classifier / {name}", "reason": "generated images have no class"})
+            continue
+        truth = [gen.images.classes[i] for i in labelled]
+        predicted = clf.predict(gen.stats.take(labelled).descriptors())
+        out["models"][name] = {"accuracy": float(np.mean([p == t for p, t in zip(predicted, truth)])),
+                               "confusion": M.confusion(truth, predicted, clf.classes)}
+    return out
+
+
+def _best_matches(small: np.ndarray, bank: np.ndarray, bank_mag: np.ndarray, candidates: int,
+                  bank_fft: np.ndarray | None = None):
+    """For each image: (index of the nearest bank image by L2, its RMS distance, best shift-tolerant NCC, index of
+    that bank image). NCC is computed on candidates chosen by L2 on pixels and on FFT magnitudes (shift-invariant)."""
+    k = min(candidates, len(bank))
+    pixel_d2 = M.pairwise_msd(small, bank)
+    nearest = pixel_d2.argmin(1)
+    mags = np.abs(np.fft.rfft2(small - small.mean((1, 2), keepdims=True)))
+    spectrum_d2 = M.pairwise_msd(mags, bank_mag)
+    bank_fft = M.normalised_fft(bank) if bank_fft is None else bank_fft
+    query_fft = M.normalised_fft(small)
+    best_ncc, best_index = [], []
+    for i in range(len(small)):
+        pool = np.unique(np.concatenate([np.argpartition(pixel_d2[i], k - 1)[:k],
+                                         np.argpartition(spectrum_d2[i], k - 1)[:k]]))
+        scores = M.max_ncc_batch(query_fft[i], bank_fft[pool], small.shape[1:])
+        best_ncc.append(float(scores.max()))
+        best_index.append(int(pool[int(np.argmax(scores))]))
+    return nearest, np.sqrt(pixel_d2[np.arange(len(small)), nearest]), np.array(best_ncc), best_index
+
+
+def memorisation(bank_set: ImageSet, real_val: ImageSet, generated: dict[str, ImageSet], copy_ncc: float,
+                 candidates: int = 8) -> dict:
+    """Nearest training slice of each generated one by L2 and by shift-tolerant NCC. Innovation (seed 000) = mean
+    nearest L2 distance. Validation slices are new by construction, so their numbers are the reference: woven
+    composites are periodic, and a new slice of the same weave can correlate highly with a training one. A generated
+    slice is flagged as a near-copy when its NCC reaches both `copy_ncc` and the 99th percentile of validation
+    slices' best NCC."""
+    size = bank_set.images.shape[1]
+    bank = bank_set.images
+    bank_mag = np.abs(np.fft.rfft2(bank - bank.mean((1, 2), keepdims=True)))
+    bank_fft = M.normalised_fft(bank)
+    out = {"models": {}}
+    threshold = copy_ncc
+    if len(real_val):
+        val = M.resize_set(real_val.images[:200], size)
+        _, d, ncc, _ = _best_matches(val, bank, bank_mag, candidates, bank_fft)
+        out.update({"validation_innovation": float(d.mean()), "validation_ncc_p99": float(np.quantile(ncc, 0.99))})
+        threshold = max(copy_ncc, out["validation_ncc_p99"])
+    out["copy_threshold"] = threshold
+    for name, gen in generated.items():
+        small = M.resize_set(gen.images, size)
+        index, dist, ncc, twin = _best_matches(small, bank, bank_mag, candidates, bank_fft)
+        flags = [{"generated": str(gen.paths[i]) if gen.paths else i, "training": str(bank_set.paths[twin[i]]),
+                  "ncc": float(ncc[i])} for i in np.flatnonzero(ncc >= threshold)]
+        out["models"][name] = {"innovation": float(dist.mean()), "nearest_l2": dist.tolist(),
+                               "nearest_index": index.tolist(), "best_ncc": ncc.tolist(), "near_copies": flags,
+                               "near_copy_rate": len(flags) / max(1, len(gen))}
+    return out
+
+
+def consistency(train: Measured, generated: dict[str, Measured]) -> dict:
+    """3D consistency per state: the phase fractions of its thickness / warp / weft images should agree (stereology:
+    area fractions estimate the same volume fraction in any cut), and orderings between states seen in the real
+    data (e.g. more voids in dry than in dry-compacted) should hold."""
+    def table(measured: Measured) -> dict[str, dict[str, list[float]]]:
+        result: dict[str, dict[str, list[float]]] = {}
+        for cls in measured.images.known_classes():
+            state, orientation = split_class(cls)
+            result.setdefault(state, {})[orientation] = measured.of_class(cls)[1].fractions.mean(0).tolist()
+        return result
+
+    def spreads(t):  # per state: largest difference between cuts, per phase
+        return {s: np.ptp(np.array(list(cuts.values())), axis=0).tolist() for s, cuts in t.items() if len(cuts) > 1}
+
+    def mean_fraction(cuts, phase):
+        return float(np.mean([v[phase] for v in cuts.values()]))
+
+    real_table = table(train)
+    phases = len(next(iter(next(iter(real_table.values())).values())))
+    out = {"real": {"fractions": real_table, "cut_spread": spreads(real_table)}, "models": {}}
+    for name, gen in generated.items():
+        gen_table = table(gen)
+        orderings = []
+        states = sorted(set(real_table) & set(gen_table))
+        for phase, label in ((0, "darkest phase (voids / air)"), (phases - 1, "brightest phase (yarns)")):
+            for i, a in enumerate(states):
+                for b in states[i + 1:]:
+                    ra, rb = mean_fraction(real_table[a], phase), mean_fraction(real_table[b], phase)
+                    ga, gb = mean_fraction(gen_table[a], phase), mean_fraction(gen_table[b], phase)
+                    first, second = (a, b) if ra >= rb else (b, a)
+                    orderings.append({"phase": label, "order": f"{first} > {second}",
+                                      "holds": bool((ga >= gb) == (ra >= rb))})
+        out["models"][name] = {"fractions": gen_table, "cut_spread": spreads(gen_table), "orderings": orderings}
+    return out
+
+
+def evaluate_sets(real_root: Path, generated: dict[str, ImageSet], out: Path, size: int | None,
+                  max_real: int | None, rounds: int = 50, seed: int = 0, copy_ncc: float = 0.95,
+                  extra: dict | None = None, real_train: ImageSet | None = None) -> dict:
+    """The weight-free suite for already generated sets; writes metrics.json and report.html."""
+
+    if real_train is None:  # the config form has loaded it already
+        real_train = load_real(real_root, "train", size, max_real)
+    real_val = _validation(real_root, size, max_real)
+    for gen in generated.values():
+        check_sizes(real_train, gen)
+    thresholds = M.multi_otsu(real_train.images, 3)
+    train, val = measure(real_train, thresholds), measure(real_val, thresholds)
+    measured = {name: measure(g, thresholds) for name, g in generated.items()}
+    skipped: list = []
+    results = {
+        "settings": {"real": str(real_root), "size": int(real_train.images.shape[1]), "bootstrap": rounds,
+                     "seed": seed, "copy_ncc": copy_ncc, "phase_thresholds": thresholds.tolist(),
+                     "sets": {n: len(g) for n, g in generated.items()}, "n_real_train": len(real_train),
+                     "n_real_validation": len(real_val)},
+        "fidelity": fidelity(train, val, measured, rounds, seed, skipped),
+        "classifier": classifier(train, val, measured, skipped),
+        "memorisation": memorisation(_search_bank(real_root, real_train, max_real), real_val, generated, copy_ncc),
+        "consistency": consistency(train, measured) if real_train.known_classes() else {},
+    }
+    results.update(extra or {})
+    results["skipped"] = skipped + (extra or {}).get("skipped", [])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    write_report(out / "report.html", results, real_train, generated)
+    return results
+
+
+def _search_bank(real_root: Path, real_train: ImageSet, max_real) -> ImageSet:
+    """Every training slice at the nearest-neighbour search size (reusing the loaded ones when none were capped)."""
+
+    size = min(M.SEARCH_SIZE, real_train.images.shape[1])
+    if max_real is None:
+        return ImageSet(real_train.name, M.resize_set(real_train.images, size), real_train.classes, real_train.paths)
+    return load_real(real_root, "train", size)
+
+
+def _validation(real_root: Path, size, max_real) -> ImageSet:
+
+    if (Path(real_root) / "validation" / "metadata.jsonl").is_file():
+        return load_real(real_root, "validation", size, max_real)
+    return ImageSet("real-validation", np.zeros((0, 1, 1), np.float32), [], [])
+
+
+def evaluate_folders(real: Path, generated_dirs: list[Path], out: Path, size: int | None, max_real: int | None,
+                     rounds: int = 50, seed: int = 0, copy_ncc: float = 0.95) -> Path:
+    """The two-folder form: real slices (a prep output or an image folder) against generated folders."""
+    names = [g.name for g in generated_dirs]
+    if len(set(names)) != len(names):
+        names = [f"{g.parent.name}/{g.name}" for g in generated_dirs]
+    generated = {n: load_generated(g, n, size) for n, g in zip(names, generated_dirs)}
+    evaluate_sets(real, generated, out, size, max_real, rounds, seed, copy_ncc)
+    return out

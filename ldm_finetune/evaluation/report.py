@@ -1,0 +1,248 @@
+"""The evaluation report: one self-contained HTML page (images and plots inlined as PNG) a person reads in a minute.
+
+Order: what was compared and caveats; a summary table (each distance as a multiple of the real-vs-real floor, so
+"1x" means "as close as two real sets"); per concept, image rows real vs each model with their metrics; the concept
+classifier; memorisation (near-copies side by side with their training twin); 3D consistency; prompt-drift probes;
+what was skipped and why.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ldm_finetune.core.io import atomic_path, quantize
+from ldm_finetune.evaluation.metrics import load_set
+
+DISTANCES = ["grey_w1", "spectrum", "swd", "phase_fractions", "two_point", "glcm"]
+
+
+LABELS = {"grey_w1": "grey W1", "spectrum": "log spectrum", "swd": "pyramid SWD", "phase_fractions": "phase fractions",
+          "two_point": "two-point S2", "glcm": "GLCM", "prdc_precision": "precision", "prdc_recall": "recall",
+          "prdc_density": "density", "prdc_coverage": "coverage"}
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222;line-height:1.4}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.note{background:#fff6d5;padding:.6em 1em}
+.good{background:#e3f5e1}.bad{background:#fbe3e1}img{image-rendering:pixelated}.row{margin:.3em 0}
+.label{display:inline-block;width:170px;vertical-align:top;font-size:90%}
+"""
+
+
+def _png(array: np.ndarray, height: int = 96) -> str:
+
+    img = Image.fromarray(quantize(array))
+    if img.height != height:
+        img = img.resize((max(1, round(img.width * height / img.height)), height), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _strip(images: np.ndarray, n: int = 6) -> str:
+    return " ".join(_png(im) for im in images[:n]) or "<i>no images</i>"
+
+
+def _plot(*draws) -> str:
+    """One figure with a panel per draw function, as an inline PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(draws), figsize=(4.2 * len(draws), 2.8), dpi=90, squeeze=False)
+    for draw, ax in zip(draws, axes[0]):
+        draw(ax)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return html.escape(str(v))
+
+
+def _summary(results: dict) -> str:
+    fid = results.get("fidelity", {})
+    models = sorted({m for entry in fid.values() for m in entry.get("models", {})})
+    if not models:
+        return "<p>No fidelity numbers (see Skipped).</p>"
+    rows = ["<tr><th>model</th>" + "".join(f"<th>{LABELS[d]} (× floor)</th>" for d in DISTANCES)
+            + "<th>classifier acc.</th><th>innovation</th><th>near-copies</th></tr>"]
+    clf = results.get("classifier", {})
+    mem = results.get("memorisation", {})
+    for m in models:
+        cells = []
+        for d in DISTANCES:
+            ratios = [e["models"][m]["values"][d] / e["floor"][d] for e in fid.values()
+                      if m in e.get("models", {}) and e.get("floor", {}).get(d)]
+            value = np.mean(ratios) if ratios else None
+            css = "" if value is None else ("good" if value < 2 else "bad" if value > 5 else "")
+            cells.append(f'<td class="{css}">{"-" if value is None else f"{value:.2f}×"}</td>')
+        acc = clf.get("models", {}).get(m, {}).get("accuracy")
+        ceiling = clf.get("ceiling_accuracy")
+        acc_text = "-" if acc is None else f"{acc:.0%}" + (f" (ceiling {ceiling:.0%})" if ceiling is not None else "")
+        mm = mem.get("models", {}).get(m, {})
+        innov = mm.get("innovation")
+        val = mem.get("validation_innovation")
+        innov_text = "-" if innov is None else f"{innov:.3f}" + (f" (validation {val:.3f})" if val else "")
+        copies = mm.get("near_copy_rate")
+        rows.append(f"<tr><td>{html.escape(m)}</td>{''.join(cells)}<td>{acc_text}</td><td>{innov_text}</td>"
+                    f"<td>{'-' if copies is None else f'{copies:.0%}'}</td></tr>")
+    return ("<table>" + "".join(rows) + "</table><p>Distances are divided by the same distance between real training "
+            "and validation slices (the floor): about 1× is as close as two real sets; green &lt; 2×, red &gt; 5×. "
+            "Innovation is the mean RMS distance to the nearest training slice; validation slices (new by "
+            "construction) give the reference. Intervals are 95 % bootstrap intervals over the generated images; "
+            "for a distance near 0 they sit above the value (a resampled set is never closer than the set "
+            "itself).</p>")
+
+
+def _concept(name: str, entry: dict, real, generated: dict) -> str:
+    cls = None if name == "all" else name
+    parts = [f"<h3>{html.escape(name)}</h3>", f'<div class="row"><span class="label">real (training)</span>'
+             f"{_strip(real.of_class(cls).images)}</div>"]
+    for m, gen in generated.items():
+        parts.append(f'<div class="row"><span class="label">{html.escape(m)}</span>'
+                     f"{_strip(gen.of_class(cls).images)}</div>")
+    keys = DISTANCES + ["prdc_precision", "prdc_recall", "prdc_density", "prdc_coverage"]
+    head = "<tr><th>set</th>" + "".join(f"<th>{LABELS[k]}</th>" for k in keys) + "</tr>"
+    rows = [head]
+    if "floor" in entry:
+        rows.append("<tr><td>floor: validation vs train</td>" + "".join(f"<td>{_fmt(entry['floor'].get(k))}</td>"
+                                                                       for k in keys) + "</tr>")
+    for m, r in entry.get("models", {}).items():
+        cells = []
+        for k in keys:
+            ci = r.get("ci", {}).get(k)
+            cells.append(f"<td>{_fmt(r['values'][k])}" + (f"<br><small>[{ci[0]:.3g}, {ci[1]:.3g}]</small>" if ci
+                                                          else "") + "</td>")
+        rows.append(f"<tr><td>{html.escape(m)} (n={r['n']})</td>{''.join(cells)}</tr>")
+    parts.append("<table>" + "".join(rows) + "</table>")
+    parts.append(_curves(entry.get("curves", {})))
+    return "".join(parts)
+
+
+def _curves(curves: dict) -> str:
+    if not curves:
+        return ""
+
+    def panel(key, title, xlabel, ylabel):
+        def draw(ax):
+            for label, c in curves.items():
+                ax.plot(c[key], label=label)
+            ax.set(xlabel=xlabel, ylabel=ylabel)
+            ax.set_title(title, fontsize=9)
+        return draw
+
+    return _plot(panel("spectrum", "power spectrum", "radial frequency bin", "log10 power"),
+                 panel("s2_bright_x", "two-point correlation", "lag along x (px)", "S2 (brightest phase)"))
+
+
+def _classifier(clf: dict) -> str:
+    if not clf.get("models"):
+        return "<p>No classified generated sets.</p>"
+    parts = [f"<p>Ceiling (real validation slices): {clf.get('ceiling_accuracy', float('nan')):.0%}</p>"]
+    for m, r in clf["models"].items():
+        head = "<tr><th>true \\ predicted</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in clf["classes"])
+        rows = [f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
+                for c, row in zip(clf["classes"], r["confusion"]) if sum(row)]
+        parts.append(f"<h4>{html.escape(m)}: accuracy {r['accuracy']:.0%}</h4><table>{head}</tr>{''.join(rows)}"
+                     "</table>")
+    return "".join(parts)
+
+
+def _memorisation(mem: dict) -> str:
+
+    parts = []
+    if "copy_threshold" in mem:
+        ref = mem.get("validation_ncc_p99")
+        parts.append(f"<p>A slice is a near-copy when its best shift-tolerant normalised cross-correlation with a "
+                     f"training slice reaches {mem['copy_threshold']:.3f}"
+                     + (f" (the 99th percentile of real validation slices, {ref:.3f}: the weave is periodic, so new "
+                        "slices can correlate highly too)" if ref is not None else "") + ".</p>")
+    for m, r in mem.get("models", {}).items():
+        parts.append(f"<h4>{html.escape(m)}: {len(r['near_copies'])} near-copies "
+                     f"({r['near_copy_rate']:.0%}), innovation {r['innovation']:.3f}</h4>")
+        for flag in r["near_copies"][:6]:
+            try:
+                pair = load_set([flag["generated"], flag["training"]], size=96)
+                parts.append(f'<div class="row">{_png(pair[0])} {_png(pair[1])} NCC {flag["ncc"]:.3f}: '
+                             f'{html.escape(Path(flag["generated"]).name)} ≈ {html.escape(Path(flag["training"]).name)}'
+                             "</div>")
+            except Exception:  # the files may have moved since metrics.json was written
+                parts.append(f"<div>{html.escape(str(flag))}</div>")
+    return "".join(parts) or "<p>Nothing to report.</p>"
+
+
+def _consistency(cons: dict) -> str:
+    if not cons:
+        return "<p>Needs real images with state / orientation classes.</p>"
+    rows = ["<tr><th>set</th><th>state</th><th>largest difference between cuts, per phase (dark, mid, bright)</th>"
+            "</tr>"]
+    for label, data in [("real", cons["real"])] + list(cons.get("models", {}).items()):
+        for state, spread in data.get("cut_spread", {}).items():
+            rows.append(f"<tr><td>{html.escape(label)}</td><td>{html.escape(state)}</td>"
+                        f"<td>{', '.join(f'{v:.3f}' for v in spread)}</td></tr>")
+    out = "<table>" + "".join(rows) + "</table>"
+    for m, data in cons.get("models", {}).items():
+        items = "".join(f'<li class="{"good" if o["holds"] else "bad"}">{html.escape(o["phase"])}: '
+                        f'{html.escape(o["order"])} — {"holds" if o["holds"] else "violated"}</li>'
+                        for o in data["orderings"])
+        out += f"<h4>{html.escape(m)}: orderings seen in the real data</h4><ul>{items}</ul>"
+    return out
+
+
+def _probes(probes: dict) -> str:
+    if not probes:
+        return "<p>No probes were run (they need a base model and a fine-tuned one: see the config form).</p>"
+    parts = [f"<p>Base model: {html.escape(probes['base'])}; same prompts, seeds, sampler and steps.</p>"]
+    for m, r in probes["models"].items():
+        parts.append(f"<h4>{html.escape(m)}</h4><table><tr><th>prompt</th><th>SSIM</th><th>PSNR</th>"
+                     "<th>colourfulness ratio</th><th>CT-leakage</th></tr>")
+        for prompt, v in r["prompts"].items():
+            parts.append(f"<tr><td>{html.escape(prompt)}</td><td>{v['ssim']:.3f}</td><td>{v['psnr']:.1f}</td>"
+                         f"<td>{v['colourfulness_ratio']:.2f}</td><td>{v['ct_leakage']:.0%}</td></tr>")
+        parts.append("</table>")
+        for prompt, images in r.get("grids", {}).items():
+            parts.append(f'<div class="row"><span class="label">{html.escape(prompt)}<br>base / {html.escape(m)}'
+                         f'</span>{images}</div>')
+    parts.append("<p>SSIM / PSNR: fine-tuned vs base image for the same prompt and seed (1 / ∞ = unchanged). "
+                 "Colourfulness ratio &lt; 1: the fine-tuned model's images lost colour (CT texture is grey). "
+                 "CT-leakage: share of probe images closer to the CT set than to the base model's probes in "
+                 "descriptor space.</p>")
+    return "".join(parts)
+
+
+def write_report(path: Path, results: dict, real, generated: dict) -> Path:
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in results.get("notes", []))
+    s = results["settings"]
+    body = [f"<h1>Evaluation report</h1>{notes}",
+            f"<p>Real: {html.escape(s['real'])} ({s['n_real_train']} training, {s['n_real_validation']} validation "
+            f"slices) at {s['size']} px; generated sets: "
+            + ", ".join(f"{html.escape(k)} ({v})" for k, v in s["sets"].items()) + ".</p>",
+            "<h2>Summary</h2>", _summary(results), "<h2>Per concept</h2>"]
+    body += [_concept(name, entry, real, generated) for name, entry in results.get("fidelity", {}).items()]
+    body += ["<h2>Concept classifier (weight-free)</h2>", _classifier(results.get("classifier", {})),
+             "<h2>Memorisation</h2>", _memorisation(results.get("memorisation", {})),
+             "<h2>3D consistency</h2>", _consistency(results.get("consistency", {})),
+             "<h2>Prompt-drift probes</h2>", _probes(results.get("probes", {})),
+             "<h2>Skipped</h2><ul>" + "".join(f"<li>{html.escape(x['what'])}: {html.escape(x['reason'])}</li>"
+                                              for x in results.get("skipped", [])) + "</ul>"]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>ldm_finetune evaluation</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(page)
+    return path

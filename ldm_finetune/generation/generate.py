@@ -1,0 +1,169 @@
+"""`ldm-finetune generate`: images from prompts with a base model plus LoRA files and embeddings (any layout we
+write: diffusers, kohya, A1111, pivotal folders or combined files), with a fit check before anything loads."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.core.io import atomic_path, slug, to_image
+from ldm_finetune.models.stable_diffusion import check_model_source, quiet_loading, render
+from ldm_finetune.sharing.lora import check_lora_fits, lora_file, read_lora
+
+# Sampler name -> diffusers scheduler class name, all built from the model's own scheduler config.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+@dataclass
+class GenerateSettings:
+    prompts: list[str]
+    n: int = 4  # images per prompt
+    seed: int = 0
+    steps: int = 30
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    scheduler: str | None = None  # None: the model's own
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+    grayscale: bool = False  # save single-channel PNGs (CT slices are grey)
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (file or folder, scale)
+    embeddings: list[str] = field(default_factory=list)
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """'path' or 'path:SCALE' (a Windows drive letter's colon is not a scale)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path and re.fullmatch(r"[+-]?\d+(\.\d*)?|[+-]?\.\d+", scale):
+        return path, float(scale)
+    return text, 1.0
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    if name is None:
+        return
+    if name not in SCHEDULERS:
+        raise UserError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """A StableDiffusionPipeline from a local folder or hub id, with a clear error offline."""
+
+    source = check_model_source(model, key="--model")
+    quiet_loading()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {model}: cannot load ({str(exc).splitlines()[0]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
+    """Load each LoRA as its own adapter after checking it fits, then activate them all with their scales.
+
+    A pivotal-tuning output works in both forms: its folder (pytorch_lora_weights.safetensors + embeddings/) or its
+    one combined file (kohya LoRA keys + bundle_emb.* embeddings).
+    """
+
+    names = []
+    for i, (path, scale) in enumerate(loras):
+        file = lora_file(path)
+        weights, metadata = read_lora(file)
+        bundled = {k: v for k, v in weights.items() if k.startswith("bundle_emb.")}
+        weights = {k: v for k, v in weights.items() if not k.startswith("bundle_emb.")}
+        check_lora_fits(weights, pipe, str(file))
+        if Path(path).is_dir() and (Path(path) / "embeddings").is_dir():
+            apply_embeddings(pipe, [str(Path(path) / "embeddings")])
+        if bundled:
+            load_bundled_embeddings(pipe, bundled, metadata)
+        name = f"lora{i}"
+        pipe.load_lora_weights(weights, adapter_name=name)
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+
+
+def load_bundled_embeddings(pipe, bundled: dict, metadata: dict) -> None:
+    """bundle_emb.<name>.string_to_param.* tensors -> tokens (the original token names are in the header)."""
+    names = json.loads(metadata.get("ldm_finetune.tokens", "{}"))
+    for key, vectors in bundled.items():
+        name = key.split(".")[1]
+        pipe.load_textual_inversion({names.get(name, name): vectors})
+
+
+def apply_embeddings(pipe, embeddings: list[str]) -> list[str]:
+    """Load Textual Inversion files (diffusers or A1111 layout, or a folder of them); returns the tokens added."""
+
+    files = []
+    for path in map(Path, embeddings):
+        if path.is_dir():
+            files += sorted(path.glob("*.safetensors"))
+        elif path.is_file() and path.suffix == ".safetensors":
+            files.append(path)
+        else:
+            raise UserError(f"--embedding {path}: expected a .safetensors embedding file or a folder of them")
+    tokens = []
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            keys, meta = list(f.keys()), f.metadata() or {}
+        # diffusers layout: {token: vectors}; A1111 layout: {"emb_params": vectors}, the prompt word is the file name
+        token = (meta.get("ldm_finetune.token") or path.stem) if keys == ["emb_params"] else None
+        if (token or keys[0]) in pipe.tokenizer.get_vocab():
+            continue  # already loaded (e.g. the same embedding in two layouts)
+        try:
+            pipe.load_textual_inversion(str(path), token=token)
+        except ValueError as exc:
+            raise UserError(f"--embedding {path}: {str(exc).splitlines()[0]}") from None
+        tokens.append(token or keys[0])
+    return tokens
+
+
+def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None) -> list[Path]:
+    """Write OUT/<prompt-slug>_<seed>.png for every prompt and seed, and OUT/generation.json with the settings."""
+
+    if settings.n < 1:
+        raise UserError(f"--n {settings.n}: ask for at least one image")
+    for side in (settings.height, settings.width):
+        if side is not None and side % 8:
+            raise UserError(f"--height/--width {side}: must be a multiple of 8")
+    out = Path(out)
+    if pipe is None:
+        pipe = load_pipeline(model)
+    set_scheduler(pipe, settings.scheduler)
+    apply_embeddings(pipe, settings.embeddings)
+    apply_loras(pipe, settings.loras)
+    seeds = [settings.seed + i for i in range(settings.n)]
+    rows = render(pipe, settings.prompts, seeds, settings.steps, settings.guidance, settings.negative_prompt,
+                  settings.height, settings.width)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for prompt, row in zip(settings.prompts, rows):
+        for seed, array in zip(seeds, row):
+            path = out / f"{slug(prompt)}_{seed}.png"
+            with atomic_path(path) as tmp:
+                to_image(array, settings.grayscale).save(tmp, format="PNG")
+            written.append(path)
+    record = {"model": model, **asdict(settings), "files": [p.name for p in written]}
+    (out / "generation.json").write_text(json.dumps(record, indent=2))
+    return written

@@ -1,0 +1,190 @@
+"""LoRA files: diffusers' layout (`pytorch_lora_weights.safetensors`, peft config under `lora_adapter_metadata` so
+alpha != rank survives), the kohya layout A1111 / ComfyUI read (`ldm-finetune export`), and the fit check that turns
+a LoRA made for another base model into an error instead of a silent no-op."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.core.io import atomic_path
+from ldm_finetune.core.layout import RunLayout
+
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # what diffusers' loader reads the LoRA config from
+COMPONENTS = ("unet", "text_encoder")
+
+
+def save_lora(folder: Path, weights: dict, adapter_metadata: dict, header: dict[str, str]) -> Path:
+    """Write FOLDER/pytorch_lora_weights.safetensors atomically, with the diffusers and training metadata."""
+
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(adapter_metadata, sort_keys=True, default=str)}
+    metadata.update(header)
+    path = RunLayout(folder).lora
+    with atomic_path(path) as tmp:
+        save_file(weights, str(tmp), metadata=metadata)
+    return path
+
+
+def lora_file(path: str | Path) -> Path:
+    """A LoRA given as a file or as a folder holding pytorch_lora_weights.safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        path = RunLayout(path).lora
+    if not path.is_file():
+        raise UserError(f"{path}: LoRA file not found (pass a .safetensors file or a training output folder)")
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: only .safetensors LoRA files are read (pickled .bin/.pt files can run code)")
+    return path
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = lora_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+_PEFT_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
+
+
+def _alpha_for(component: str, module: str, adapter_metadata: dict, rank: int) -> float:
+    """A module's alpha from the saved peft config (alpha_pattern entries win), else alpha = rank (scale 1)."""
+    pattern = adapter_metadata.get(f"{component}.alpha_pattern") or {}
+    for name, alpha in pattern.items():
+        if module == name or module.endswith("." + name):
+            return float(alpha)
+    return float(adapter_metadata.get(f"{component}.lora_alpha", rank))
+
+
+def to_kohya(weights: dict[str, torch.Tensor], adapter_metadata: dict) -> dict[str, torch.Tensor]:
+    """diffusers/peft keys -> kohya keys, e.g. unet.down_blocks.0.attentions.0.proj_in.lora_A.weight ->
+    lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight, plus one `.alpha` scalar per module."""
+    out = {}
+    for key, value in weights.items():
+        match = _PEFT_KEY.match(key)
+        if not match:
+            raise UserError(f"LoRA key {key!r} is not in the diffusers/peft layout this exporter reads")
+        component, module, which = match.groups()
+        if component == "text_encoder" and not module.startswith("text_model."):
+            module = "text_model." + module  # kohya names follow CLIPTextModel's historical text_model.* layout
+        name = _KOHYA_PREFIX[component] + module.replace(".", "_")
+        out[f"{name}.lora_{'down' if which == 'A' else 'up'}.weight"] = value
+        if which == "A":
+            original = match.group(2)
+            out[f"{name}.alpha"] = torch.tensor(_alpha_for(component, original, adapter_metadata, value.shape[0]))
+    return out
+
+
+def kohya_header(metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Keep our training metadata and model-spec keys; add the few ss_* keys A1111 shows for kohya files."""
+    header = {k: v for k, v in metadata.items() if k.startswith(("ldm_finetune.", "modelspec."))}
+    header["ss_network_module"] = "networks.lora"
+    ranks = {v.shape[0] for k, v in weights.items() if ".lora_A." in k}
+    if len(ranks) == 1:
+        header["ss_network_dim"] = str(ranks.pop())
+    if "ldm_finetune.tag_frequency" in metadata:
+        header["ss_tag_frequency"] = json.dumps({"train": json.loads(metadata["ldm_finetune.tag_frequency"])})
+    header["ss_base_model_version"] = metadata.get("modelspec.architecture", "").split("/")[0]
+    return header
+
+
+_DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder)\.(.+?)\.(?:lora_A|lora\.down|lora_linear_layer\.down)\.weight$")
+
+
+_KOHYA_KEY = re.compile(r"^(lora_unet_|lora_te_|lora_te1_)(.+)\.lora_down\.weight$")
+
+
+def _module_index(model) -> dict[str, tuple[str, torch.nn.Module]]:
+    """Underscored module name -> (dotted name, module), to resolve kohya's flattened names."""
+    return {name.replace(".", "_"): (name, module) for name, module in model.named_modules() if name}
+
+
+def _in_features(module) -> int | None:
+    base = getattr(module, "base_layer", module)  # a module that already carries a peft adapter
+    if isinstance(base, torch.nn.Linear):
+        return base.in_features
+    if isinstance(base, torch.nn.Conv2d):
+        return base.in_channels
+    return None
+
+
+def lora_modules(weights: dict[str, torch.Tensor]) -> list[tuple[str, str, int]]:
+    """(component, module name as written, in-features of its down matrix) for every adapted module."""
+    found = []
+    for key, value in weights.items():
+        match = _DIFFUSERS_KEY.match(key)
+        if match:
+            found.append((match.group(1), match.group(2), value.shape[1]))
+            continue
+        match = _KOHYA_KEY.match(key)
+        if match:
+            component = "unet" if match.group(1) == "lora_unet_" else "text_encoder"
+            found.append((component, match.group(2), value.shape[1]))
+    return found
+
+
+def check_lora_fits(weights: dict[str, torch.Tensor], pipe, source: str) -> None:
+    """Raise UserError unless every module the LoRA adapts exists in `pipe` with the same input width."""
+    modules = lora_modules(weights)
+    if not modules:
+        raise UserError(f"{source}: no LoRA weights found (expected unet.*.lora_A.weight or lora_unet_* keys)")
+    missing, mismatched = [], []
+    for component, name, width in modules:
+        model = getattr(pipe, component, None)
+        if model is None:
+            missing.append(f"{component}.{name}")
+            continue
+        if "." in name:
+            name = name.removeprefix("text_model.") if component == "text_encoder" else name
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                module = None
+        else:  # kohya's underscored names
+            index = _module_index(model)
+            key = name.removeprefix("text_model_") if component == "text_encoder" else name
+            module = index.get(key, (None, None))[1]
+        if module is None:
+            missing.append(f"{component}.{name}")
+        elif _in_features(module) not in (None, width):
+            mismatched.append(f"{component}.{name} (LoRA input {width}, model {_in_features(module)})")
+    hint = ("; it was probably trained for another base model (SD 1.x vs 2.x vs SDXL): "
+            "use the base model named in its metadata")
+    if missing:
+        raise UserError(f"{source}: {len(missing)} of {len(modules)} LoRA modules do not exist in this model "
+                        f"(first: {missing[0]}){hint}")
+    if mismatched:
+        raise UserError(f"{source}: {len(mismatched)} of {len(modules)} LoRA modules have the wrong width "
+                        f"(first: {mismatched[0]}){hint}")
+
+
+def export_kohya(source: str | Path, out: str | Path) -> Path:
+    """`ldm-finetune export LORA --format kohya --out FILE`: one file A1111 / ComfyUI / kohya tools load."""
+
+    file = lora_file(source)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: the kohya file must end in .safetensors")
+    if out.resolve() == file.resolve():
+        raise UserError(f"--out {out}: would overwrite the source LoRA; choose another name")
+    weights, metadata = read_lora(file)
+    if any(k.startswith(tuple(_KOHYA_PREFIX.values())) for k in weights):
+        raise UserError(f"{file}: already in the kohya layout")
+    adapter_metadata = json.loads(metadata.get(DIFFUSERS_METADATA_KEY, "{}"))
+    kohya = to_kohya(weights, adapter_metadata)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        save_file(kohya, str(tmp), metadata=kohya_header(metadata, weights))
+    return out

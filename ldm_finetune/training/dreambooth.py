@@ -1,0 +1,115 @@
+"""DreamBooth (Ruiz et al. 2023): instance images of a concept under a rare identifier, plus a class prior.
+
+The prior keeps the class noun meaning what it meant ("a texture" must not turn into the material), from
+- generate: class images made by the base model from the class prompt, seeded and cached on disk (a rerun makes only
+  the missing ones);
+- folder: the user's own class images;
+- base_model: no class images at all; on the class prompt the model must keep predicting what the frozen base model
+  predicts (train.base_model_prior_loss).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.core.io import atomic_path, slug, to_image
+from ldm_finetune.data.records import image_folder_records
+from ldm_finetune.models.stable_diffusion import inference_pipeline, render
+
+
+def prior_preservation_loss(per_sample: torch.Tensor, n_instance: int, prior_loss_weight: float) -> torch.Tensor:
+    """Batch = [instance half | class half]: mean instance loss + prior_loss_weight x mean class loss."""
+    instance, prior = per_sample[:n_instance], per_sample[n_instance:]
+    assert prior.numel() == n_instance, "the class half must match the instance half"
+    return instance.mean() + prior_loss_weight * prior.mean()
+
+
+def check_instance_counts(records, cfg) -> None:
+    """Too few instance images is an error; identifiers that split into several tokens get a warning."""
+    counts: dict[int, int] = {}
+    for r in records:
+        counts[r.meta["concept"]] = counts.get(r.meta["concept"], 0) + 1
+    minimum = cfg.dreambooth.min_instance_images
+    for i, n in sorted(counts.items()):
+        if n < minimum:
+            raise UserError(f"data.concepts[{i}]: {n} instance image(s); DreamBooth needs at least {minimum} "
+                            "(3-10 is typical; lower dreambooth.min_instance_images to force it)")
+
+
+def warn_split_identifiers(tokenizer, records, class_prompts: list[str]) -> list[str]:
+    """A DreamBooth identifier should be one rare token; name every caption word that splits into several."""
+    class_words = {w for p in class_prompts if p for w in p.lower().split()}
+    warnings = []
+    for word in sorted({w for r in records for w in r.caption.split()}):
+        if word.lower() in class_words or word.lower() in {"a", "an", "the", "of", "photo"}:
+            continue
+        pieces = tokenizer.tokenize(word)
+        if len(pieces) > 1:
+            warnings.append(f"warning: identifier {word!r} splits into {len(pieces)} tokens {pieces} in this "
+                            "tokenizer; a single rare token binds better (see `ldm-finetune identifiers`)")
+    return warnings
+
+
+def class_folder(cfg, concept) -> Path:
+
+    return concept.class_dir or cfg.output_dir / "class_images" / slug(concept.class_prompt, 50, "class")
+
+
+def generate_class_images(pipe, folder: Path, prompt: str, model: str, n: int, seed: int, steps: int,
+                          guidance: float, resolution: int) -> int:
+    """Make FOLDER/0000.png ... up to n from `prompt` with the base model; returns how many were generated.
+
+    class_images.json records prompt, model and resolution: a folder made for another prompt is an error rather than
+    silently reused. Image i uses seed + i, so a rerun completes an interrupted folder with the same images.
+    """
+
+    folder.mkdir(parents=True, exist_ok=True)
+    record_path = folder / "class_images.json"
+    wanted = {"prompt": prompt, "model": model, "resolution": resolution, "seed": seed}
+    if record_path.is_file():
+        found = json.loads(record_path.read_text())
+        if {k: found.get(k) for k in wanted} != wanted:
+            raise UserError(f"{folder}: holds class images made with {found}, not {wanted}; use another class_dir "
+                            "or empty this one")
+    record_path.write_text(json.dumps(wanted, indent=2))
+    missing = [i for i in range(n) if not (folder / f"{i:04d}.png").is_file()]
+    for i in missing:
+        (image,), = render(pipe, [prompt], [seed + i], steps, guidance, height=resolution, width=resolution)
+        with atomic_path(folder / f"{i:04d}.png") as tmp:
+            to_image(image).save(tmp, format="PNG")
+    return len(missing)
+
+
+def prepare_class_records(cfg, accelerator, components) -> list:
+    """The class images of every concept (generating missing ones on the main process first), or [] when the
+    objective needs none."""
+
+    db = cfg.dreambooth
+    if db is None or not db.prior_preservation or db.prior == "base_model":
+        return []
+    records = []
+    for i, concept in enumerate(cfg.data.concepts):
+        folder = class_folder(cfg, concept)
+        if db.prior == "generate":
+            with accelerator.main_process_first():
+                if accelerator.is_main_process:
+                    made = generate_class_images(inference_pipeline(components, device=accelerator.device), folder,
+                                                 concept.class_prompt, cfg.model.pretrained, db.num_class_images,
+                                                 cfg.seed, db.class_steps, db.class_guidance, cfg.data.resolution)
+                    print(f"class images for {concept.class_prompt!r}: {made} generated, "
+                          f"{db.num_class_images - made} reused from {folder}", file=sys.stderr)
+        found = image_folder_records(folder, concept.class_prompt or "", f"data.concepts[{i}].class_dir")
+        if db.prior == "generate":
+            found = [r for r in found if re.fullmatch(r"\d{4}\.png", r.path.name)][:db.num_class_images]
+        if not found:
+            raise UserError(f"data.concepts[{i}].class_dir: {folder} has no class images")
+        if not concept.class_prompt and db.prior == "folder":
+            raise UserError(f"data.concepts[{i}]: class images need class_prompt (e.g. 'a texture')")
+        records += found[:db.num_class_images]
+    return records
