@@ -3,7 +3,6 @@
 Real volumes are private, so tests, the demo and the benchmarks use this phantom. Axes are (z, y, x): z is the
 thickness (page) axis. The textile is built analytically, voxel by voxel, so any slab of pages can be made on its own
 (big volumes are generated and written slab by slab in bounded memory):
-
 - weft yarns run along y, in `N_LAYERS` layers, one column every `pitch_x` along x, with a little crimp;
 - warp (stuffer) yarns run along x, between the weft layers, one every `pitch_y` along y;
 - binder yarns run along x between the stuffers and zig-zag through the whole thickness over two weft columns;

@@ -128,14 +128,12 @@ def _mark(out: Path, state: dict) -> None:
 
 
 def _phantom(s: DemoSettings) -> None:
-
     paths = write_phantoms(s.out / "volumes", tuple(s.shape), seed=s.seed)
     for state, path in paths.items():
         print(f"  {path}  ({state})")
 
 
 def _prep(s: DemoSettings) -> None:
-
     volumes = [VolumeSpec(p.stem, p) for p in sorted((s.out / "volumes").glob("*.tif"))]
     manifest = run_prep(PrepConfig(volumes=volumes, out=s.out / "dataset", resolution=s.resolution,
                                    overwrite=True), show_progress=not s.quiet)
@@ -143,7 +141,6 @@ def _prep(s: DemoSettings) -> None:
 
 
 def _tiny_model(s: DemoSettings) -> None:
-
     print(f"  {write_tiny_model(s.out / 'tiny-sd', seed=s.seed)}")
 
 
@@ -169,7 +166,6 @@ def _textual_inversion(s: DemoSettings) -> None:
 
 
 def _generate(s: DemoSettings) -> None:
-
     model = str(s.out / "tiny-sd")
     runs = s.out / "runs"
     jobs = {"lora_dreambooth": GenerateSettings(DREAMBOOTH_SAMPLES, n=2, steps=20, height=s.resolution,
@@ -193,7 +189,6 @@ def _ddpm(s: DemoSettings) -> None:
 
 
 def _evaluate(s: DemoSettings) -> None:
-
     path = s.out / "evaluate.yaml"
     path.write_text(yaml.safe_dump(evaluation_config(s), sort_keys=False))
     print(f"  config: {path}")

@@ -1,5 +1,4 @@
 """The training entry point (the accelerate launch target):
-
     accelerate launch -m ldm_finetune.train recipes/lora.yaml [key.sub=value ...] [--dry-run]
     ldm-finetune train recipes/lora.yaml [key.sub=value ...]          (same code, current process)
 

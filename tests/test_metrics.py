@@ -7,6 +7,8 @@ import pytest
 from scipy import ndimage
 
 from ldm_finetune.evaluation import metrics as M
+from ldm_finetune.evaluation.registry import METRICS, set_distances
+from ldm_finetune.evaluation.stats import compute_stats
 
 
 def fields(n, seed, size=64, sigma=2.0):
@@ -30,28 +32,46 @@ def blurred(images):
 REAL, OTHER = fields(24, 1), fields(24, 2)
 
 
-@pytest.mark.parametrize("distance", [M.grey_w1, M.spectrum_distance,
-                                      lambda a, b: float(np.mean(M.pyramid_swd(a, b)))])
-def test_same_process_scores_low_and_altered_sets_high(distance):
+THRESHOLDS = M.multi_otsu(REAL, 3)
+
+
+def registry_distance(name):
+    """A registry distance between two image sets, through the per-image statistics evaluate computes."""
+    def distance(a, b):
+        real = compute_stats(a, THRESHOLDS)
+        return set_distances(real, compute_stats(b, THRESHOLDS), real.glcm.std(0) + 1e-8)[name]
+    return distance
+
+
+@pytest.mark.parametrize("name", ["grey_w1", "spectrum", "swd", "two_point", "glcm"])
+def test_same_process_scores_low_and_altered_sets_high(name):
+    distance = (registry_distance(name) if METRICS[name].distance is not None
+                else lambda a, b: float(np.mean(M.pyramid_swd(a, b))))
     same = distance(REAL, OTHER)
     assert distance(REAL, REAL) <= same + 1e-12
     changed = [distance(REAL, blurred(OTHER))]
-    if distance is not M.grey_w1:  # shuffling keeps the histogram exactly: only structure metrics see it
+    if name != "grey_w1":  # shuffling keeps the histogram exactly: only structure metrics see it
         changed.append(distance(REAL, shuffled(OTHER)))
     assert min(changed) > 3 * same, (same, changed)
 
 
 def test_grey_w1_of_a_shift_is_the_shift():
-    assert M.grey_w1(REAL * 0.5, REAL * 0.5 + 0.2) == pytest.approx(0.2, abs=2 / M.GREY_BINS)
+    w1 = registry_distance("grey_w1")(REAL * 0.5, REAL * 0.5 + 0.2)
+    assert w1 == pytest.approx(0.2, abs=2 / M.GREY_BINS)
+
+
+def test_every_registry_metric_is_described():
+    for m in METRICS.values():
+        assert m.better in ("lower", "higher") and m.label and m.unit and m.meaning, m
 
 
 def test_two_point_correlation_at_zero_is_the_phase_fraction_and_decays_to_its_square():
     thresholds = M.multi_otsu(REAL, 3)
     labels = M.segment(REAL, thresholds)
-    fractions = M.phase_fractions(labels, 3)
+    fractions = compute_stats(REAL, thresholds).fractions.mean(0)
     assert fractions.sum() == pytest.approx(1.0)
     for phase in range(3):
-        s2 = M.two_point(labels, phase, axis=2, max_lag=30)
+        s2 = M.two_point_per_image(labels, phase, axis=2, max_lag=30).mean(0)
         assert s2[0] == pytest.approx(fractions[phase], abs=1e-6)
         assert abs(s2[30] - fractions[phase] ** 2) < 0.3 * fractions[phase] ** 2  # uncorrelated far apart
         assert s2[1] < s2[0]
@@ -83,7 +103,6 @@ def test_prdc_identical_vs_disjoint():
 def test_descriptor_classifier_separates_classes():
     thresholds = M.multi_otsu(REAL, 3)
     coarse, fine = fields(20, 3, sigma=4.0), fields(20, 4, sigma=1.0)
-    from ldm_finetune.evaluation.evaluate import compute_stats
 
     def descriptors(images):
         return compute_stats(images, thresholds).descriptors()
@@ -109,11 +128,12 @@ def test_ssim_psnr_colourfulness():
 def test_a_shifted_copy_is_found_by_ncc_not_by_l2():
     train = REAL[:10]
     copy = np.roll(train[3], (7, -5), axis=(0, 1))
-    _, l2 = M.nearest_l2(copy[None], train)
-    ncc = [M.max_ncc(copy, t) for t in train]
-    assert int(np.argmax(ncc)) == 3 and max(ncc) > 0.99
-    fresh = [M.max_ncc(OTHER[0], t) for t in train]
-    assert max(fresh) < 0.6 and l2[0] > 0.1
+    l2 = np.sqrt(M.pairwise_msd(copy[None], train).min())
+    bank = M.normalised_fft(train)
+    ncc = M.max_ncc_batch(M.normalised_fft(copy), bank, copy.shape)
+    assert int(np.argmax(ncc)) == 3 and ncc.max() > 0.99
+    fresh = M.max_ncc_batch(M.normalised_fft(OTHER[0]), bank, copy.shape)
+    assert fresh.max() < 0.6 and l2 > 0.1
 
 
 def test_metrics_are_deterministic():

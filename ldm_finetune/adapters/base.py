@@ -45,7 +45,16 @@ class Adapter:
         return out
 
     def parameter_groups(self, components) -> list[dict]:
-        raise NotImplementedError
+        """The UNet's trainable parameters, and the text encoder's when it trains (at its own rate when set)."""
+        lr = self.cfg.train.learning_rate
+        groups = [trainable_group(components.unet.parameters(), lr)]
+        if self.trains_text_encoder(self.cfg):
+            groups.append(trainable_group(components.text_encoder.parameters(), self.text_encoder_lr() or lr))
+        return groups
+
+    def text_encoder_lr(self) -> float | None:
+        """The text encoder's learning rate when it differs from train.learning_rate."""
+        return None
 
     def before_optimizer_step(self, step: int) -> None:
         """Called with the gradients in place, before optimizer.step (step = optimizer steps done so far)."""

@@ -9,7 +9,7 @@ import json
 
 from diffusers import DDIMScheduler
 
-from ldm_finetune.adapters.base import Adapter, trainable_group
+from ldm_finetune.adapters.base import Adapter
 from ldm_finetune.core.io import atomic_dir
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.models.stable_diffusion import sd_pipeline
@@ -35,12 +35,8 @@ class FullAdapter(Adapter):
         if self.cfg.dreambooth is not None and self.cfg.dreambooth.prior == "base_model":
             self.frozen_unet = copy.deepcopy(components.unet).requires_grad_(False)
 
-    def parameter_groups(self, components) -> list[dict]:
-        groups = [trainable_group(components.unet.parameters(), self.cfg.train.learning_rate)]
-        if self.cfg.full.train_text_encoder:
-            lr = self.cfg.full.text_encoder_lr or self.cfg.train.learning_rate
-            groups.append(trainable_group(components.text_encoder.parameters(), lr))
-        return groups
+    def text_encoder_lr(self) -> float | None:
+        return self.cfg.full.text_encoder_lr
 
     def ema_settings(self, components):
         full = self.cfg.full

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
-from ldm_finetune.adapters.base import Adapter, trainable_group
+from ldm_finetune.adapters.base import Adapter
 from ldm_finetune.models.lora import add_lora, lora_state_dict
 from ldm_finetune.sharing.lora import save_lora
 
@@ -22,12 +22,8 @@ class LoraAdapter(Adapter):
     def attach(self, components) -> None:
         add_lora(components.unet, components.text_encoder, self.cfg.lora)
 
-    def parameter_groups(self, components) -> list[dict]:
-        groups = [trainable_group(components.unet.parameters(), self.cfg.train.learning_rate)]
-        if self.cfg.lora.text_encoder:
-            lr = self.cfg.lora.text_encoder_lr or self.cfg.train.learning_rate
-            groups.append(trainable_group(components.text_encoder.parameters(), lr))
-        return groups
+    def text_encoder_lr(self) -> float | None:
+        return self.cfg.lora.text_encoder_lr
 
     @contextlib.contextmanager
     def base_model(self, unet):

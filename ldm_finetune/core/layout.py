@@ -19,78 +19,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 EMBEDDINGS_NAME = "learned_embeds.safetensors"  # the file name diffusers' textual-inversion example writes
 
 
-@dataclass(frozen=True)
 class RunLayout:
-    root: Path
+    """The paths of one run folder (what the tree above shows)."""
 
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples"
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.metrics = self.root / "metrics.jsonl"
+        self.logs = self.root / "logs"
+        self.checkpoints = self.root / "checkpoints"
+        self.cache = self.root / "cache"
+        self.samples = self.root / "samples"
+        self.model_card = self.root / "README.md"
+        self.lora = self.root / LORA_WEIGHT_NAME
+        self.embeddings = self.root / "embeddings"
+        self.a1111_embeddings = self.root / "a1111"
+        self.learned_embeds = self.root / EMBEDDINGS_NAME
+        self.pivotal_combined = self.root / "pivotal_combined.safetensors"
+        self.pipeline = self.root / "pipeline"
+        self.pixel_model = self.root / "model"
 
     def sample_grid(self, tag: str) -> Path:
         return self.samples / f"{tag}.png"
-
-    @property
-    def model_card(self) -> Path:
-        return self.root / "README.md"
-
-    @property
-    def lora(self) -> Path:
-        return self.root / LORA_WEIGHT_NAME
-
-    @property
-    def embeddings(self) -> Path:
-        return self.root / "embeddings"
-
-    @property
-    def a1111_embeddings(self) -> Path:
-        return self.root / "a1111"
-
-    @property
-    def learned_embeds(self) -> Path:
-        return self.root / EMBEDDINGS_NAME
-
-    @property
-    def pivotal_combined(self) -> Path:
-        return self.root / "pivotal_combined.safetensors"
-
-    @property
-    def pipeline(self) -> Path:
-        return self.root / "pipeline"
-
-    @property
-    def pixel_model(self) -> Path:
-        return self.root / "model"
 
     def relative(self, path: Path) -> str:
         """A path inside the run folder as the model card and logs show it."""

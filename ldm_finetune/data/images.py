@@ -114,7 +114,6 @@ class LabelledSlices(torch.utils.data.Dataset):
         return len(self.records) * self.repeats
 
     def __getitem__(self, i: int) -> dict:
-
         index = i % len(self.records)
         flip = bool(self.random_flip and torch.rand(()).item() < 0.5)
         pixels = to_pixel_values(load_image(self.records[index].path), self.resolution, flip=flip, rgb=False)

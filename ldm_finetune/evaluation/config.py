@@ -35,10 +35,11 @@ from ldm_finetune.core.configtools import from_dict, load_yaml
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path, slug, to_image
 from ldm_finetune.evaluation import metrics as M
-from ldm_finetune.evaluation.evaluate import compute_stats, evaluate_sets
+from ldm_finetune.evaluation.evaluate import evaluate_sets
 from ldm_finetune.evaluation.imagesets import load_generated, load_real
 from ldm_finetune.evaluation.metrics import load_set
 from ldm_finetune.evaluation.report import _png
+from ldm_finetune.evaluation.stats import compute_stats
 from ldm_finetune.generation.generate import apply_embeddings, apply_loras, load_pipeline, parse_lora_arg, set_scheduler
 from ldm_finetune.generation.sample import baseline_slices
 from ldm_finetune.models.denoisers import local_denoiser
@@ -111,7 +112,6 @@ class EvalConfig:
 
 
 def load_eval_config(path: Path) -> EvalConfig:
-
     try:
         return from_dict(EvalConfig, load_yaml(path))
     except UserError as exc:
@@ -119,14 +119,12 @@ def load_eval_config(path: Path) -> EvalConfig:
 
 
 def _save(image: np.ndarray, path: Path, grey: bool) -> None:
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         to_image(image, grayscale=grey).save(tmp, format="PNG")
 
 
 def _sd_pipeline(entry: ModelEntry):
-
     pipe = load_pipeline(entry.model)
     apply_embeddings(pipe, entry.embeddings)
     apply_loras(pipe, [parse_lora_arg(x) for x in entry.loras])
@@ -204,7 +202,6 @@ def _default_prompt(cls: str) -> str:
 
 
 def run_config(path: Path, out: Path) -> Path:
-
     cfg = load_eval_config(path)
     real = load_real(cfg.real, "train", cfg.size, cfg.max_real)
     classes = list(cfg.concepts) or real.known_classes()
@@ -286,6 +283,5 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
 
 
 def _rgb(path: Path) -> np.ndarray:
-
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0

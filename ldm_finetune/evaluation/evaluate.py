@@ -12,8 +12,6 @@ images) cost almost nothing.
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,60 +20,12 @@ import numpy as np
 from ldm_finetune.core.classes import split_class
 from ldm_finetune.evaluation import metrics as M
 from ldm_finetune.evaluation.imagesets import ImageSet, check_sizes, load_generated, load_real
+from ldm_finetune.evaluation.registry import set_distances
 from ldm_finetune.evaluation.report import write_report
-
-S2_LAGS = 16
-
+from ldm_finetune.evaluation.stats import Stats, parallel_stats
 
 MIN_IMAGES = 4  # fewer images than this and a per-class statistic is skipped (the report says so)
-
-
 SWD_IMAGES = 32  # images per set in the pyramid SWD (64 patches each per level)
-
-
-@dataclass
-class Stats:
-    """Per-image statistics of one set (rows align with the set's images)."""
-    hist: np.ndarray  # (N, 256)
-    spectrum: np.ndarray  # (N, 32) log10 power
-    fractions: np.ndarray  # (N, P)
-    s2: np.ndarray  # (N, 2 axes, P, lags + 1)
-    glcm: np.ndarray  # (N, 8)
-
-    def take(self, index) -> "Stats":
-        return Stats(*(getattr(self, f)[index] for f in ("hist", "spectrum", "fractions", "s2", "glcm")))
-
-    def descriptors(self) -> np.ndarray:
-        """(N, D) per-image vector for PRDC and the classifier."""
-        coarse_hist = self.hist.reshape(len(self.hist), 16, -1).sum(2)
-        spec = self.spectrum[:, ::2]
-        s2 = self.s2[:, :, :, [1, 2, 4, 8]].reshape(len(self.s2), -1)
-        return np.concatenate([coarse_hist, spec, self.fractions, s2, self.glcm], axis=1)
-
-
-def compute_stats(images: np.ndarray, thresholds: np.ndarray, chunk: int = 32) -> Stats:
-    """All per-image statistics of a set in one vectorised pass (chunks bound the memory)."""
-    phases = len(thresholds) + 1
-    hist = np.empty((len(images), M.GREY_BINS))
-    fractions = np.empty((len(images), phases))
-    s2 = np.empty((len(images), 2, phases, S2_LAGS + 1))
-    for start in range(0, len(images), chunk):
-        x = images[start:start + chunk]
-        c = len(x)
-        offset = (np.arange(c) * M.GREY_BINS)[:, None, None]
-        codes = offset + np.clip((x * M.GREY_BINS).astype(np.int64), 0, M.GREY_BINS - 1)
-        h = np.bincount(codes.ravel(), minlength=c * M.GREY_BINS).reshape(c, M.GREY_BINS)
-        hist[start:start + c] = h / h.sum(1, keepdims=True)
-        labels = M.segment(x, thresholds)
-        f = np.bincount((labels + (np.arange(c) * phases)[:, None, None]).ravel(), minlength=c * phases)
-        fractions[start:start + c] = f.reshape(c, phases) / labels[0].size
-        for a, axis in enumerate((1, 2)):
-            for p in range(phases):
-                if p in (0, phases - 1):  # darkest (voids) and brightest (yarns); the middle phase is implied
-                    s2[start:start + c, a, p] = M.two_point_per_image(labels, p, axis, S2_LAGS)
-                else:
-                    s2[start:start + c, a, p] = 0.0
-    return Stats(hist, M.radial_spectrum(images), fractions, s2, M.glcm_features(images))
 
 
 @dataclass
@@ -93,29 +43,6 @@ class Measured:
 
 def measure(images: ImageSet, thresholds) -> Measured:
     return Measured(images, parallel_stats(images.images, thresholds) if len(images) else None)
-
-
-def parallel_stats(images: np.ndarray, thresholds, chunk: int = 16) -> Stats:
-    """compute_stats over chunks in two threads: the FFTs, bincounts and array arithmetic release the GIL, and
-    threads share the images (forking a process that holds gigabytes of slices costs more than it saves)."""
-
-    starts = range(0, len(images), chunk)
-    with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(lambda s: compute_stats(images[s:s + chunk], thresholds), starts))
-    return Stats(*(np.concatenate([getattr(r, f) for r in results])
-                   for f in ("hist", "spectrum", "fractions", "s2", "glcm")))
-
-
-def set_distances(real: Stats, other: Stats, glcm_scale: np.ndarray) -> dict[str, float]:
-    """Distances between two sets from their per-image statistics (all 0 for identical sets)."""
-    cdf = lambda s: np.cumsum(s.hist.mean(0))  # noqa: E731
-    return {
-        "grey_w1": float(np.abs(cdf(real) - cdf(other)).sum() / M.GREY_BINS),
-        "spectrum": float(np.abs(real.spectrum.mean(0) - other.spectrum.mean(0)).mean()),
-        "phase_fractions": float(np.abs(real.fractions.mean(0) - other.fractions.mean(0)).sum()),
-        "two_point": float(np.abs(real.s2.mean(0) - other.s2.mean(0)).mean()),
-        "glcm": float((np.abs(real.glcm.mean(0) - other.glcm.mean(0)) / glcm_scale).mean()),
-    }
 
 
 def bootstrap(real: Stats, other: Stats, glcm_scale, rounds: int, seed: int) -> dict[str, list[float]]:
@@ -343,7 +270,6 @@ def _search_bank(real_root: Path, real_train: ImageSet, max_real) -> ImageSet:
 
 
 def _validation(real_root: Path, size, max_real) -> ImageSet:
-
     if (Path(real_root) / "validation" / "metadata.jsonl").is_file():
         return load_real(real_root, "validation", size, max_real)
     return ImageSet("real-validation", np.zeros((0, 1, 1), np.float32), [], [])

@@ -44,7 +44,6 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _load(paths: list[Path], size: int | None, what: str) -> np.ndarray:
-
     if not paths:
         raise UserError(f"{what}: no images found")
     try:

@@ -36,11 +36,6 @@ def grey_histogram(images: np.ndarray, bins: int = GREY_BINS) -> np.ndarray:
     return h / h.sum()
 
 
-def grey_w1(a: np.ndarray, b: np.ndarray) -> float:
-    """Wasserstein-1 between the sets' grey-level distributions (in grey units, 0-1): integral of |CDF_a - CDF_b|."""
-    return float(np.abs(np.cumsum(grey_histogram(a)) - np.cumsum(grey_histogram(b))).sum() / GREY_BINS)
-
-
 def _radial_bins(h: int, w: int, bins: int):
     """Sparse (h * (w//2+1), bins) averaging matrix over rings of the rfft2 plane (radius 0.5 = Nyquist)."""
 
@@ -65,11 +60,6 @@ def radial_spectrum(images: np.ndarray, bins: int = 32, chunk: int = 32) -> np.n
         power = np.abs(fft.rfft2(x, workers=FFT_WORKERS)) ** 2
         out[start:start + chunk] = np.asarray(rings.T @ power.reshape(len(x), -1).T).T
     return np.log10(out + 1e-12)
-
-
-def spectrum_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean absolute difference of the sets' mean log spectra (decades of power)."""
-    return float(np.abs(radial_spectrum(a).mean(0) - radial_spectrum(b).mean(0)).mean())
 
 
 def multi_otsu(images: np.ndarray, classes: int = 3, bins: int = 128) -> np.ndarray:
@@ -104,16 +94,6 @@ def segment(images: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     for t in thresholds:  # sorted thresholds: count how many each pixel reaches (much faster than np.digitize)
         labels += images >= t
     return labels
-
-
-def phase_fractions(labels: np.ndarray, phases: int) -> np.ndarray:
-    return np.bincount(labels.ravel(), minlength=phases)[:phases] / labels.size
-
-
-def two_point(labels: np.ndarray, phase: int, axis: int, max_lag: int) -> np.ndarray:
-    """S2(r), r = 0..max_lag, over a stack of label images: probability that two pixels r apart along `axis`
-    (1 = image rows / y, 2 = columns / x) both lie in `phase`; S2(0) is the phase fraction."""
-    return two_point_per_image(labels, phase, axis, max_lag).mean(0)
 
 
 def two_point_per_image(labels: np.ndarray, phase: int, axis: int, max_lag: int) -> np.ndarray:
@@ -297,7 +277,6 @@ SEARCH_SIZE = 64  # nearest-neighbour search resolution
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-
     if image.shape == (size, size):
         return image
     # BOX when shrinking: each output pixel averages its block (no aliasing); bilinear when enlarging
@@ -318,13 +297,6 @@ def pairwise_msd(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
     return np.maximum((q**2).sum(1)[:, None] + (b**2).sum(1)[None] - 2 * q @ b.T, 0) / q.shape[1]
 
 
-def nearest_l2(queries: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index, RMS distance) of each query's nearest bank image."""
-    d2 = pairwise_msd(queries, bank)
-    index = d2.argmin(1)
-    return index, np.sqrt(d2[np.arange(len(queries)), index])
-
-
 def normalised_fft(images: np.ndarray) -> np.ndarray:
     """rfft2 of each image after zero-mean / unit-variance normalisation (for batched NCC)."""
     x = (images - images.mean((-2, -1), keepdims=True)) / (images.std((-2, -1), keepdims=True) + 1e-8)
@@ -335,11 +307,6 @@ def max_ncc_batch(query_fft: np.ndarray, bank_fft: np.ndarray, shape) -> np.ndar
     """Best circular-shift NCC of one query (its normalised_fft) against several bank images."""
     corr = np.fft.irfft2(query_fft[None] * np.conj(bank_fft), s=shape)
     return corr.reshape(len(bank_fft), -1).max(1) / (shape[0] * shape[1])
-
-
-def max_ncc(a: np.ndarray, b: np.ndarray) -> float:
-    """Shift-tolerant normalised cross-correlation: the best circular-shift correlation of two images (FFT)."""
-    return float(max_ncc_batch(normalised_fft(a), normalised_fft(b[None]), a.shape)[0])
 
 
 def _grey(pixels: np.ndarray, full_scale: float) -> np.ndarray:

@@ -18,13 +18,10 @@ from PIL import Image
 
 from ldm_finetune.core.io import atomic_path, quantize
 from ldm_finetune.evaluation.metrics import load_set
+from ldm_finetune.evaluation.registry import METRICS, formatted, table
 
-DISTANCES = ["grey_w1", "spectrum", "swd", "phase_fractions", "two_point", "glcm"]
-
-
-LABELS = {"grey_w1": "grey W1", "spectrum": "log spectrum", "swd": "pyramid SWD", "phase_fractions": "phase fractions",
-          "two_point": "two-point S2", "glcm": "GLCM", "prdc_precision": "precision", "prdc_recall": "recall",
-          "prdc_density": "density", "prdc_coverage": "coverage"}
+DISTANCES = [m.name for m in table("fidelity")]
+LABELS = {name: m.label for name, m in METRICS.items()}
 
 
 CSS = """
@@ -37,7 +34,6 @@ th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.note{backgr
 
 
 def _png(array: np.ndarray, height: int = 96) -> str:
-
     img = Image.fromarray(quantize(array))
     if img.height != height:
         img = img.resize((max(1, round(img.width * height / img.height)), height), Image.NEAREST)
@@ -52,6 +48,7 @@ def _strip(images: np.ndarray, n: int = 6) -> str:
 
 def _plot(*draws) -> str:
     """One figure with a panel per draw function, as an inline PNG."""
+    # imported here: the headless Agg backend must be chosen before pyplot is first imported
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +113,7 @@ def _concept(name: str, entry: dict, real, generated: dict) -> str:
     for m, gen in generated.items():
         parts.append(f'<div class="row"><span class="label">{html.escape(m)}</span>'
                      f"{_strip(gen.of_class(cls).images)}</div>")
-    keys = DISTANCES + ["prdc_precision", "prdc_recall", "prdc_density", "prdc_coverage"]
+    keys = DISTANCES + [m.name for m in table("coverage")]
     head = "<tr><th>set</th>" + "".join(f"<th>{LABELS[k]}</th>" for k in keys) + "</tr>"
     rows = [head]
     if "floor" in entry:
@@ -164,7 +161,6 @@ def _classifier(clf: dict) -> str:
 
 
 def _memorisation(mem: dict) -> str:
-
     parts = []
     if "copy_threshold" in mem:
         ref = mem.get("validation_ncc_p99")
@@ -207,22 +203,27 @@ def _consistency(cons: dict) -> str:
 def _probes(probes: dict) -> str:
     if not probes:
         return "<p>No probes were run (they need a base model and a fine-tuned one: see the config form).</p>"
+    probe = table("probe")
     parts = [f"<p>Base model: {html.escape(probes['base'])}; same prompts, seeds, sampler and steps.</p>"]
     for m, r in probes["models"].items():
-        parts.append(f"<h4>{html.escape(m)}</h4><table><tr><th>prompt</th><th>SSIM</th><th>PSNR</th>"
-                     "<th>colourfulness ratio</th><th>CT-leakage</th></tr>")
+        parts.append(f"<h4>{html.escape(m)}</h4><table><tr><th>prompt</th>"
+                     + "".join(f"<th>{p.label}</th>" for p in probe) + "</tr>")
         for prompt, v in r["prompts"].items():
-            parts.append(f"<tr><td>{html.escape(prompt)}</td><td>{v['ssim']:.3f}</td><td>{v['psnr']:.1f}</td>"
-                         f"<td>{v['colourfulness_ratio']:.2f}</td><td>{v['ct_leakage']:.0%}</td></tr>")
+            parts.append(f"<tr><td>{html.escape(prompt)}</td>"
+                         + "".join(f"<td>{formatted(p.name, v[p.name])}</td>" for p in probe) + "</tr>")
         parts.append("</table>")
         for prompt, images in r.get("grids", {}).items():
             parts.append(f'<div class="row"><span class="label">{html.escape(prompt)}<br>base / {html.escape(m)}'
                          f'</span>{images}</div>')
-    parts.append("<p>SSIM / PSNR: fine-tuned vs base image for the same prompt and seed (1 / ∞ = unchanged). "
-                 "Colourfulness ratio &lt; 1: the fine-tuned model's images lost colour (CT texture is grey). "
-                 "CT-leakage: share of probe images closer to the CT set than to the base model's probes in "
-                 "descriptor space.</p>")
+    parts.append(_legend(probe))
     return "".join(parts)
+
+
+def _legend(metrics) -> str:
+    """What each column means, from the registry."""
+    items = "".join(f"<li><b>{html.escape(m.label)}</b> ({html.escape(m.unit)}, {m.better} is better): "
+                    f"{html.escape(m.meaning)}</li>" for m in metrics)
+    return f"<ul class='legend'>{items}</ul>"
 
 
 def write_report(path: Path, results: dict, real, generated: dict) -> Path:
@@ -232,7 +233,8 @@ def write_report(path: Path, results: dict, real, generated: dict) -> Path:
             f"<p>Real: {html.escape(s['real'])} ({s['n_real_train']} training, {s['n_real_validation']} validation "
             f"slices) at {s['size']} px; generated sets: "
             + ", ".join(f"{html.escape(k)} ({v})" for k, v in s["sets"].items()) + ".</p>",
-            "<h2>Summary</h2>", _summary(results), "<h2>Per concept</h2>"]
+            "<h2>Summary</h2>", _summary(results), _legend(table("fidelity") + table("coverage")),
+            "<h2>Per concept</h2>"]
     body += [_concept(name, entry, real, generated) for name, entry in results.get("fidelity", {}).items()]
     body += ["<h2>Concept classifier (weight-free)</h2>", _classifier(results.get("classifier", {})),
              "<h2>Memorisation</h2>", _memorisation(results.get("memorisation", {})),

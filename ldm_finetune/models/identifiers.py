@@ -13,7 +13,6 @@ from ldm_finetune.models.stable_diffusion import check_model_source
 
 
 def load_tokenizer(model: str):
-
     source = check_model_source(model, key="--model")
     try:
         return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")

@@ -107,7 +107,6 @@ def save_pixel_model(folder: Path, unet, noise_scheduler, classes: list[str], in
 
 
 def load_pixel_model(folder: str | Path) -> PixelModel:
-
     folder = Path(folder)
     if not (folder / CLASSES_FILE).is_file() or not (folder / "unet").is_dir():
         raise UserError(f"--model {folder}: not a pixel DDPM model folder (expected unet/, scheduler/ and "

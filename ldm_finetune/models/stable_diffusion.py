@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_dir, to_image
@@ -145,11 +147,8 @@ def _looks_local(name: str) -> bool:
 
 def quiet_loading() -> None:
     """No per-file progress bars while loading weights: they bury the one line that matters on errors."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def check_model_source(pretrained: str, key: str = "model.pretrained") -> str:

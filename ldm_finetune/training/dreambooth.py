@@ -57,7 +57,6 @@ def warn_split_identifiers(tokenizer, records, class_prompts: list[str]) -> list
 
 
 def class_folder(cfg, concept) -> Path:
-
     return concept.class_dir or cfg.output_dir / "class_images" / slug(concept.class_prompt, 50, "class")
 
 

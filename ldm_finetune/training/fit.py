@@ -136,7 +136,6 @@ def check_environment(cfg) -> None:
 
 
 def make_optimizer(cfg, groups: list[dict]):
-
     if cfg.train.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
