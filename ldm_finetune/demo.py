@@ -30,6 +30,7 @@ from data_prep.phantom import STATES, write_phantoms
 from data_prep.prep import run_prep, summary_table
 from ldm_finetune.core.classes import class_key
 from ldm_finetune.core.errors import TrainingStopped, UserError
+from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.evaluation.config import run_config
 from ldm_finetune.generation.generate import GenerateSettings, generate
 from ldm_finetune.models.stable_diffusion import write_tiny_model
@@ -174,7 +175,7 @@ def _generate(s: DemoSettings) -> None:
             "textual_inversion": GenerateSettings([TI_CAPTION.format(token=ti_token(t)) for t in TI_INITIALIZERS],
                                                   n=2, steps=20, height=s.resolution, width=s.resolution,
                                                   grayscale=True,
-                                                  embeddings=[str(runs / "textual_inversion" / "embeddings")])}
+                                                  embeddings=[str(RunLayout(runs / "textual_inversion").embeddings)])}
     for name, job in jobs.items():
         paths = generate(model, job, s.out / "generated" / name)
         print(f"  {len(paths)} images -> {s.out / 'generated' / name}")
@@ -207,9 +208,9 @@ def evaluation_config(s: DemoSettings) -> dict:
             {"name": "tiny-lora-dreambooth", "kind": "sd", "model": tiny, "loras": [str(runs / "lora_dreambooth")],
              "concepts": {class_key(st, o): p for st, p in DREAMBOOTH_PROMPTS.items() for o in ORIENTATIONS}},
             {"name": "tiny-textual-inversion", "kind": "sd", "model": tiny,
-             "embeddings": [str(runs / "textual_inversion" / "embeddings")],
+             "embeddings": [str(RunLayout(runs / "textual_inversion").embeddings)],
              "concepts": {class_key(st, o): TI_CAPTION.format(token=ti_token(st)) for st in STATES for o in ORIENTATIONS}},
-            {"name": "ddpm-pixel", "kind": "pixel", "model": str(runs / "ddpm_pixel" / "model")},
+            {"name": "ddpm-pixel", "kind": "pixel", "model": str(RunLayout(runs / "ddpm_pixel").pixel_model)},
             # the patch baseline costs seconds per image on a CPU: one class per cut
             {"name": "local-score", "kind": "local_score", "patch": 5,
              "classes": ["dry/thickness", "dry-compacted/warp", "injected/weft"]}],

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path, slug, to_image
+from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.models.stable_diffusion import check_model_source, quiet_loading, render
 from ldm_finetune.sharing.lora import check_lora_fits, lora_file, read_lora
 
@@ -93,8 +94,8 @@ def apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
         bundled = {k: v for k, v in weights.items() if k.startswith("bundle_emb.")}
         weights = {k: v for k, v in weights.items() if not k.startswith("bundle_emb.")}
         check_lora_fits(weights, pipe, str(file))
-        if Path(path).is_dir() and (Path(path) / "embeddings").is_dir():
-            apply_embeddings(pipe, [str(Path(path) / "embeddings")])
+        if Path(path).is_dir() and RunLayout(path).embeddings.is_dir():
+            apply_embeddings(pipe, [str(RunLayout(path).embeddings)])
         if bundled:
             load_bundled_embeddings(pipe, bundled, metadata)
         name = f"lora{i}"
