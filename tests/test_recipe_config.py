@@ -88,3 +88,12 @@ def test_missing_or_malformed_config_file(tmp_path, run_cli):
     bad.write_text("recipe: lora\n  model: [\n")
     code, _, err = run_cli("train", bad)
     assert code == 2 and "is not valid YAML" in err
+
+
+def test_mixed_precision_auto_is_the_shipped_default_and_fp32_on_a_cpu():
+    from ldm_finetune.training.fit import resolve_precision
+
+    for path in RECIPES:
+        assert load_config(path).train.mixed_precision == "auto", path.name
+    assert resolve_precision("auto") == "no"  # these machines have no GPU; a CUDA GPU with bf16 gets "bf16"
+    assert resolve_precision("fp16") == "fp16"  # an explicit choice is kept

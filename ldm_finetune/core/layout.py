@@ -15,6 +15,8 @@
       pivotal_combined.safetensors        kohya LoRA + bundled embeddings     pivotal
       pipeline/                           a whole diffusers pipeline          full
       model/                              DDPMPipeline + classes.json         ddpm_pixel
+      training_finished.json              the step a finished run reached (resume=latest then does nothing)
+      .run.lock                           held while a run writes here: a second run into the folder is refused
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class RunLayout:
         self.pivotal_combined = self.root / "pivotal_combined.safetensors"
         self.pipeline = self.root / "pipeline"
         self.pixel_model = self.root / "model"
+        self.lock = self.root / ".run.lock"  # held (flock) while a run writes here
+        self.finished = self.root / "training_finished.json"  # written when a run has reached its last step
 
     def sample_grid(self, tag: str) -> Path:
         return self.samples / f"{tag}.png"

@@ -31,8 +31,14 @@ def read_records(folder: Path, caption_column: str = "text") -> list[Record]:
     if not meta.is_file():
         hint = " (it looks like a prep output: use its train/ folder)" if (folder / "train").is_dir() else ""
         raise UserError(f"data.train_dir: {folder} has no metadata.jsonl{hint}")
+    try:
+        lines = meta.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{meta}: not UTF-8 text (byte {exc.start}); save it as UTF-8, as `datasets` and "
+                        "`ldm-finetune prep` write it") from None
     records = []
-    for number, line in enumerate(meta.read_text().splitlines(), 1):
+    root = folder.resolve()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -44,7 +50,12 @@ def read_records(folder: Path, caption_column: str = "text") -> list[Record]:
         if caption_column not in row:
             raise UserError(f"{meta}:{number}: no caption column {caption_column!r}{closest(caption_column, row)}; "
                             "set data.caption_column")
-        records.append(Record(folder / row["file_name"], str(row[caption_column]), row))
+        path = folder / str(row["file_name"])
+        if not path.resolve().is_relative_to(root):
+            # a row must not make a run read (and a model memorise) files outside the dataset it was given
+            raise UserError(f"{meta}:{number}: file_name {row['file_name']!r} points outside {folder}; "
+                            "file names are relative to the folder that holds metadata.jsonl")
+        records.append(Record(path, str(row[caption_column]), row))
     if not records:
         raise UserError(f"data.train_dir: {meta} lists no images")
     missing = [r.path for r in records if not r.path.is_file()]

@@ -9,6 +9,7 @@ to save.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -23,33 +24,50 @@ from diffusers.optimization import get_scheduler
 
 from ldm_finetune.core.configtools import to_dict
 from ldm_finetune.core.errors import UserError
+from ldm_finetune.core.io import atomic_path
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.data.images import collate
 from ldm_finetune.models.ema import EMA
 from ldm_finetune.training.checkpoints import register_trainable_only_hooks, resolve_resume
 from ldm_finetune.training.loop import Loop, run_loop, start_tracking
+from ldm_finetune.training.run_lock import RunLock
 from ldm_finetune.training.task import Task
 
 
 def fit(cfg, task: Task) -> Path:
     """Train `task` as `cfg` says; returns the run folder."""
+    cfg.train.mixed_precision = resolve_precision(cfg.train.mixed_precision)  # config.yaml records what ran
     check_environment(cfg)
     task.check()  # bad data fails here, before any model loads
     layout = RunLayout(cfg.output_dir)
     resume_from = resolve_resume(cfg.checkpoint.resume, layout.checkpoints)
 
     accelerator = make_accelerator(cfg)
+    lock = RunLock(layout.lock).acquire() if accelerator.is_main_process else None
+    try:
+        return _fit(cfg, task, layout, accelerator, resume_from)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg, task: Task, layout: RunLayout, accelerator, resume_from: Path | None) -> Path:
     set_seed(cfg.seed, device_specific=True)  # different noise per process, reproducible per run
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     dataset = task.build(accelerator)
-    if accelerator.is_main_process:
-        layout.root.mkdir(parents=True, exist_ok=True)
-        layout.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     # the loader's own generator: starting an epoch must not draw from the global RNG that a resume restores
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
                                              collate_fn=collate, num_workers=cfg.data.num_workers,
                                              generator=torch.Generator().manual_seed(cfg.seed))
+    per_epoch, max_steps = resolve_steps(cfg, math.ceil(len(dataloader) / accelerator.num_processes))
+    if cfg.checkpoint.resume is not None and finished_at(layout) >= max_steps:
+        accelerator.print(f"{layout.root} finished at step {finished_at(layout)} (train.max_steps={max_steps}): "
+                          "nothing to do; raise train.max_steps to train longer")
+        return layout.root
+    if accelerator.is_main_process:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        layout.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     groups = task.parameter_groups()
     if cfg.train.scale_lr:
@@ -57,7 +75,6 @@ def fit(cfg, task: Task) -> Path:
         for g in groups:
             g["lr"] *= factor
     optimizer = make_optimizer(cfg, groups)
-    per_epoch, max_steps = resolve_steps(cfg, math.ceil(len(dataloader) / accelerator.num_processes))
     # accelerate steps the schedule once per process per optimizer step, hence the num_processes factors
     lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.train.lr_warmup_steps * accelerator.num_processes,
@@ -80,8 +97,17 @@ def fit(cfg, task: Task) -> Path:
     if accelerator.is_main_process:
         for path in task.save(global_step):
             print(f"wrote {path}")
+        with atomic_path(layout.finished) as tmp:
+            tmp.write_text(json.dumps({"global_step": global_step}))
     accelerator.end_training()
     return layout.root
+
+
+def finished_at(layout: RunLayout) -> int:
+    """The last step of a finished run in this folder (-1 when none finished)."""
+    if not layout.finished.is_file():
+        return -1
+    return int(json.loads(layout.finished.read_text())["global_step"])
 
 
 def make_ema(task: Task, accelerator) -> EMA | None:
@@ -108,6 +134,14 @@ class _Hooks:
         self.task.after_optimizer_step(step)
         if self.ema is not None:
             self.ema.update(self.averaged.parameters())
+
+
+def resolve_precision(requested: str) -> str:
+    """"auto" -> bf16 on a CUDA GPU that supports it, else "no" (fp32): bf16 autocast on a CPU is ~10x slower than
+    fp32 (measured: 13.3 vs 1.15 s/step for the small pixel DDPM on 2 cores), and fp16 needs loss scaling."""
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def check_environment(cfg) -> None:

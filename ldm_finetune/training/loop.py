@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ldm_finetune.core.configtools import to_dict
 from ldm_finetune.core.errors import TrainingStopped
+from ldm_finetune.core.io import atomic_path
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.training.checkpoints import read_state, save_checkpoint
 
@@ -59,8 +60,20 @@ def start_tracking(cfg, accelerator, resume_from: Path | None) -> int:
         accelerator.load_state(str(resume_from))
         global_step = read_state(resume_from)["global_step"]
     if accelerator.is_main_process:
+        keep_metrics_until(RunLayout(cfg.output_dir).metrics, global_step)
         accelerator.init_trackers("ldm_finetune", config={k: str(v) for k, v in flatten(to_dict(cfg)).items()})
     return global_step
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """A resumed run replays the steps after its checkpoint: their earlier lines go, so each step is logged once."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def run_loop(loop: Loop, global_step: int, last_checkpoint: Path | None) -> int:
