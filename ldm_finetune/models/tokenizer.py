@@ -36,7 +36,7 @@ def word_merges(word: str) -> list[tuple[str, str]]:
     return merges
 
 
-def write_word_tokenizer(words: list[str], out: Path) -> CLIPTokenizer:
+def write_word_tokenizer(words: list[str], out: Path, max_length: int = 77) -> CLIPTokenizer:
     """Write a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config) in which every word is one token."""
     base = json.loads(BASE_VOCAB.read_text())
     vocab = {token: i for token, i in base.items() if i < BYTE_SYMBOLS}
@@ -54,7 +54,7 @@ def write_word_tokenizer(words: list[str], out: Path) -> CLIPTokenizer:
     for _ in range(8):
         # an earlier merge can cut into a later word ("r e" of "red" inside "green"); a last merge chain over the
         # pieces it leaves joins them (BPE applies merges by rank, so appended merges act after the others)
-        tokenizer = _write(vocab, merges, out)
+        tokenizer = _write(vocab, merges, out, max_length)
         split = {w: tokenizer.tokenize(w) for w in letter_words}
         split = {w: t for w, t in split.items() if len(t) != 1}
         if not split:
@@ -67,13 +67,13 @@ def write_word_tokenizer(words: list[str], out: Path) -> CLIPTokenizer:
     raise AssertionError(f"words that do not come out as one token: {sorted(split)}")
 
 
-def _write(vocab: dict[str, int], merges: list[tuple[str, str]], out: Path) -> CLIPTokenizer:
+def _write(vocab: dict[str, int], merges: list[tuple[str, str]], out: Path, max_length: int) -> CLIPTokenizer:
     vocab = dict(vocab)
     for token in SPECIAL:
         vocab[token] = len(vocab)
     with atomic_dir(out, overwrite=out.exists()) as tmp:
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
         (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-        CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77,
+        CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=max_length,
                       pad_token="<|endoftext|>").save_pretrained(tmp)
     return CLIPTokenizer.from_pretrained(out)

@@ -1,0 +1,75 @@
+"""The mini base's architecture: Stable Diffusion's classes in miniature (AutoencoderKL, UNet2DConditionModel with
+cross-attention, CLIPTextModel with a CLIP BPE tokenizer, SD's scaled-linear noise schedule), sized so that a
+2-core CPU pretrains it on the procedural world (data/world.py) in minutes. Training is training/mini_base.py.
+
+Choices, and why:
+- a 4x VAE (three levels) instead of SD's 8x: a 32 px world image becomes 8 x 8 latents and a 64 px CT slice
+  16 x 16, enough latent pixels to reconstruct grey CT texture; diffusers pipelines read the factor from the VAE;
+- a 32-token text context instead of 77: world captions and the project's prompts are short, and the text
+  encoder and cross-attention costs scale with it;
+- a word-level vocabulary (models/tokenizer.py): every world word, caption word, drift-probe word and Textual
+  Inversion initializer is one token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from scipy import ndimage
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ldm_finetune.models.stable_diffusion import SD_SCHEDULE
+
+CONTEXT_TOKENS = 32  # the tokenizer's model_max_length and the text encoder's positions
+
+
+@dataclass
+class MiniArchitecture:
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # three levels: 4x downsampling
+    unet_channels: list[int] = field(default_factory=lambda: [64, 128])  # 8 x 8 and 4 x 4 latents at 32 px
+    attention_head_dim: int = 8
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+
+
+def build_vae(arch: MiniArchitecture) -> AutoencoderKL:
+    levels = len(arch.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(arch.vae_channels),
+                         down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1, norm_num_groups=16,
+                         sample_size=32)
+
+
+def build_text_encoder(arch: MiniArchitecture, tokenizer) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=arch.text_width, intermediate_size=2 * arch.text_width,
+        num_attention_heads=arch.text_heads, num_hidden_layers=arch.text_layers, projection_dim=arch.text_width,
+        max_position_embeddings=CONTEXT_TOKENS, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, hidden_act="quick_gelu"))
+
+
+def build_unet(arch: MiniArchitecture) -> UNet2DConditionModel:
+    levels = len(arch.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=tuple(arch.unet_channels),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * levels,
+        up_block_types=("CrossAttnUpBlock2D",) * levels, cross_attention_dim=arch.text_width,
+        attention_head_dim=arch.attention_head_dim, norm_num_groups=16)
+
+
+def inference_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    return DDIMScheduler(prediction_type=prediction_type, **SD_SCHEDULE)
+
+
+def texture_fields(n: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """(n, size, size, 3) generic grey textures for the VAE: smooth random fields of random scale pushed through a
+    random contrast curve, plus a little pixel noise. Not CT, but CT's ingredients (blobs, edges, grain)."""
+    sigmas = rng.uniform(0.3, 3.0, n)
+    fields = np.stack([ndimage.gaussian_filter(g, s) for g, s in zip(rng.standard_normal((n, size, size)), sigmas)])
+    fields = (fields - fields.mean((1, 2), keepdims=True)) / (fields.std((1, 2), keepdims=True) + 1e-6)
+    fields = 1 / (1 + np.exp(-fields * rng.uniform(0.5, 4.0, n)[:, None, None]))
+    fields = fields + rng.uniform(0, 0.08, n)[:, None, None] * rng.standard_normal(fields.shape)
+    return np.repeat(np.clip(fields, 0, 1)[..., None], 3, axis=3).astype(np.float32)

@@ -1,0 +1,308 @@
+"""`ldm-finetune mini-base OUT`: pretrain the mini base (models/mini_base.py) on the procedural world, on fit().
+
+Two tasks, each one `fit` run with its own small config:
+1. `VaeTask`: the AutoencoderKL on world images and generic procedural textures (never CT), L1 + L2 + a tiny KL;
+2. `TextToImageTask`: UNet and CLIP text encoder together on VAE latents of world images (cached posterior moments,
+   10 % of captions dropped so classifier-free guidance works), SD's epsilon objective and noise schedule.
+Then the world probe is trained and the base's own generations are scored on the world prompts. The result is a
+diffusers StableDiffusionPipeline folder (safetensors) that every recipe loads as `model.pretrained`.
+
+Builds are cached per machine (`mini_base_cached`): a folder keyed by the settings and the code that builds it,
+written atomically, with a lock so two processes asking at once build it once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+from diffusers import AutoencoderKL, DDPMScheduler
+from safetensors.torch import save_file
+from torch.nn import functional as F
+
+from ldm_finetune.core.io import atomic_dir
+from ldm_finetune.data.world import draw, sample_item, world_prompts, world_samples, world_words
+from ldm_finetune.models.mini_base import (
+    CONTEXT_TOKENS,
+    MiniArchitecture,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    inference_scheduler,
+    texture_fields,
+)
+from ldm_finetune.models.stable_diffusion import SD_SCHEDULE, sd_pipeline
+from ldm_finetune.models.tokenizer import write_word_tokenizer
+from ldm_finetune.models.world_probe import WorldProbe, train_probe
+from ldm_finetune.training.config import CheckpointConfig, LoggingConfig, TrainConfig
+from ldm_finetune.training.fit import fit
+from ldm_finetune.training.task import Task
+
+BUILD_CODE = [Path(__file__), *(Path(__file__).resolve().parent.parent / p for p in (
+    "data/world.py", "models/mini_base.py", "models/tokenizer.py", "models/world_probe.py"))]
+
+
+@dataclass
+class MiniBaseSettings:
+    seed: int = 0
+    vae_steps: int = 1200
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    steps: int = 1500  # text-to-image steps
+    batch: int = 64
+    lr: float = 1e-3
+    world_images: int = 8192  # distinct world images the text-to-image phase sees
+    caption_dropout: float = 0.1
+    probe_steps: int = 800
+    eval_seeds: int = 2  # generations per world prompt when scoring the base
+    guidance: float = 4.0
+    arch: MiniArchitecture = field(default_factory=MiniArchitecture)
+
+
+# --- what fit() reads from a config ---------------------------------------------------------------------------------
+
+@dataclass
+class _Data:
+    num_workers: int = 0
+
+
+@dataclass
+class _Model:
+    attention: str = "sdpa"
+    compile: bool = False
+
+
+@dataclass
+class _Validation:
+    every_steps: int | None = None
+
+
+@dataclass
+class PhaseConfig:
+    output_dir: Path
+    train: TrainConfig
+    seed: int = 0
+    data: _Data = field(default_factory=_Data)
+    model: _Model = field(default_factory=_Model)
+    validation: _Validation = field(default_factory=_Validation)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(report_to="none", every_steps=50))
+
+
+def phase_config(out: Path, steps: int, batch: int, lr: float, seed: int, warmup: int = 0) -> PhaseConfig:
+    return PhaseConfig(out, TrainConfig(batch_size=batch, max_steps=steps, learning_rate=lr, weight_decay=0.0,
+                                        lr_scheduler="constant_with_warmup", lr_warmup_steps=warmup,
+                                        mixed_precision="no"), seed)
+
+
+# --- phase 1: the VAE -----------------------------------------------------------------------------------------------
+
+class ProceduralImages(torch.utils.data.Dataset):
+    """Item i: a world image (even i) or a generic texture field (odd i), drawn from (seed, i): no storage."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, i])
+        image = draw(sample_item(rng), rng) if i % 2 == 0 else texture_fields(1, rng)[0]
+        return {"pixel_values": torch.from_numpy(image.transpose(2, 0, 1)) * 2 - 1}  # (3, 32, 32) in [-1, 1]
+
+
+class VaeTask(Task):
+    def __init__(self, settings: MiniBaseSettings, out: Path):
+        self.settings, self.out = settings, out  # the VAE is saved to OUT
+        self.vae = None
+
+    def build(self, accelerator):
+        torch.manual_seed(self.settings.seed)
+        self.vae = build_vae(self.settings.arch).to(accelerator.device)
+        return ProceduralImages(self.settings.vae_steps * self.settings.vae_batch, self.settings.seed)
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": list(self.vae.parameters()), "lr": self.settings.vae_lr}]
+
+    def trained_models(self) -> dict:
+        return {"vae": self.vae}
+
+    def use_prepared(self, models: dict) -> None:
+        self.model = models["vae"]
+
+    def loss(self, batch: dict):
+        x = batch["pixel_values"]
+        posterior = self.model.encode(x).latent_dist
+        reconstruction = self.model.decode(posterior.sample()).sample
+        # L1 keeps edges sharp, L2 the grey levels; a tiny KL keeps the latent space smooth without blurring
+        return F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
+
+    def save(self, global_step: int) -> list[Path]:
+        self.vae.save_pretrained(self.out, safe_serialization=True)
+        return [self.out]
+
+
+# --- phase 2: UNet + text encoder -----------------------------------------------------------------------------------
+
+class CaptionedLatents(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i}
+
+
+class TextToImageTask(Task):
+    def __init__(self, settings: MiniBaseSettings, vae_dir: Path, tokenizer_dir: Path):
+        self.settings, self.vae_dir, self.tokenizer_dir = settings, vae_dir, tokenizer_dir
+        schedule = {k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}  # a DDIM-only key
+        self.noise_scheduler = DDPMScheduler(prediction_type="epsilon", **schedule)
+
+    def build(self, accelerator):
+        s = self.settings
+        self.accelerator = accelerator
+        self.tokenizer = write_word_tokenizer(world_words(), self.tokenizer_dir, CONTEXT_TOKENS)
+        self.vae = AutoencoderKL.from_pretrained(self.vae_dir).requires_grad_(False).eval()
+        images, items = world_samples(s.world_images, s.seed + 1)
+        with torch.no_grad():
+            x = torch.from_numpy(images.transpose(0, 3, 1, 2)) * 2 - 1
+            self.moments = torch.cat([self.vae.encode(x[i:i + 256]).latent_dist.parameters
+                                      for i in range(0, len(x), 256)])  # (N, 8, 8, 8): mean and log-variance
+        # SD's convention: latents scaled to unit variance (SD 1.x/2.x use 0.18215 for their VAE)
+        self.vae.register_to_config(scaling_factor=float(1.0 / self.moments[:, :4].std()))
+        self.ids = self.tokenize([it.caption for it in items])
+        self.empty = self.tokenize([""])[0]
+        torch.manual_seed(s.seed)
+        self.text_encoder = build_text_encoder(s.arch, self.tokenizer).to(accelerator.device)
+        self.unet = build_unet(s.arch).to(accelerator.device)
+        return CaptionedLatents(s.world_images)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def parameter_groups(self) -> list[dict]:
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        return [{"params": params, "lr": self.settings.lr}]
+
+    def trained_models(self) -> dict:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def use_prepared(self, models: dict) -> None:
+        self.model, self.encoder = models["unet"], models["text_encoder"]
+
+    def loss(self, batch: dict):
+        index = batch["index"]
+        mean, logvar = self.moments[index].chunk(2, dim=1)
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * self.vae.config.scaling_factor
+        ids = self.ids[index].clone()
+        ids[torch.rand(len(ids)) < self.settings.caption_dropout] = self.empty  # for classifier-free guidance
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),))
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        model_pred = self.model(noisy_latents, timesteps, self.encoder(ids)[0]).sample
+        return F.mse_loss(model_pred, noise)
+
+    def pipeline(self):
+        unwrap = self.accelerator.unwrap_model
+        return sd_pipeline(self.vae, unwrap(self.encoder), self.tokenizer, unwrap(self.model), inference_scheduler())
+
+    def save(self, global_step: int) -> list[Path]:
+        return []
+
+
+# --- the build ------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def score_base(pipe, probe: WorldProbe, seeds: int, guidance: float, steps: int = 20) -> dict:
+    """Share of world prompts whose generations the probe reads right (kind, colour, background), per seed."""
+    pipe.set_progress_bar_config(disable=True)
+    prompts = world_prompts()
+    results = []
+    for seed in range(seeds):
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+                      generator=torch.Generator().manual_seed(seed), output_type="np").images
+        results += probe.check(images, prompts)
+    out = {"probe_ok": float(np.mean([r["ok"] for r in results])), "n": len(results)}
+    for key in ("kind", "colour", "background"):
+        values = [r[key] for r in results if key in r]
+        out[f"probe_{key}"] = float(np.mean(values))
+    return out
+
+
+def build_mini_base(settings: MiniBaseSettings, out: Path) -> dict:
+    """Pretrain the mini base into OUT (a diffusers pipeline folder, written atomically); returns its build info."""
+    out = Path(out)
+    started = time.time()
+    with atomic_dir(out, overwrite=out.exists()) as tmp:
+        work = tmp / "build"
+        fit(phase_config(work / "vae", settings.vae_steps, settings.vae_batch, settings.vae_lr, settings.seed),
+            VaeTask(settings, work / "vae" / "vae"))
+        vae_seconds = time.time() - started
+        t2i = TextToImageTask(settings, work / "vae" / "vae", tmp / "tokenizer")
+        fit(phase_config(work / "text_to_image", settings.steps, settings.batch, settings.lr, settings.seed,
+                         warmup=min(100, settings.steps)), t2i)
+        pipe = t2i.pipeline()
+        for model in (pipe.vae, pipe.text_encoder, pipe.unet):
+            model.eval()
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        train_seconds = time.time() - started
+        probe = train_probe(settings.probe_steps, seed=settings.seed)
+        save_file({k: v.contiguous() for k, v in probe.net.state_dict().items()}, str(tmp / "probe.safetensors"))
+        info = {"settings": asdict(settings), "seconds": {"vae": round(vae_seconds, 1),
+                                                          "text_to_image": round(train_seconds - vae_seconds, 1)},
+                "parameters_m": {name: round(sum(p.numel() for p in m.parameters()) / 1e6, 3)
+                                 for name, m in (("vae", pipe.vae), ("unet", pipe.unet),
+                                                 ("text_encoder", pipe.text_encoder))},
+                "probe_accuracy_on_world": probe.score(),
+                **score_base(pipe, probe, settings.eval_seeds, settings.guidance)}
+        info["seconds"]["total"] = round(time.time() - started, 1)
+        for run in ("vae", "text_to_image"):
+            shutil.rmtree(work / run / "checkpoints", ignore_errors=True)
+        shutil.rmtree(work / "vae" / "vae", ignore_errors=True)  # the same weights are in OUT/vae
+        (tmp / "mini_base.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+# --- the per-machine cache ------------------------------------------------------------------------------------------
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LDM_FINETUNE_CACHE", Path.home() / ".cache" / "ldm_finetune"))
+
+
+def build_key(settings: MiniBaseSettings) -> str:
+    """Identifies a build: its settings, the code that builds it, and the library versions that run it."""
+    h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    for path in BUILD_CODE:
+        h.update(Path(path).read_bytes())
+    h.update(f"{torch.__version__}|{diffusers.__version__}|{transformers.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+def mini_base_cached(settings: MiniBaseSettings | None = None) -> Path:
+    """The mini base for these settings, built once per machine: later calls (and other processes waiting on the
+    lock) get the same folder."""
+    settings = settings or MiniBaseSettings()
+    folder = cache_root() / "mini-base" / build_key(settings)
+    if (folder / "mini_base.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds the folder built
+        if not (folder / "mini_base.json").is_file():
+            build_mini_base(settings, folder)
+    return folder
