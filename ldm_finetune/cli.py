@@ -134,20 +134,24 @@ def _tiny_model(args: argparse.Namespace) -> None:
 
 
 def _mini_base(args: argparse.Namespace) -> None:
-    from ldm_finetune.training.mini_base import MiniBaseSettings, build_mini_base, mini_base_cached
+    from ldm_finetune.training import mini_base as mb
 
-    settings = MiniBaseSettings(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps)
     if args.out.exists() and any(args.out.iterdir()) and not (args.out / "mini_base.json").is_file():
         raise UserError(f"{args.out}: folder is not empty and is not a mini base; choose another OUT")
-    if args.no_cache:
-        info = build_mini_base(settings, args.out)
+    if not args.rebuild:
+        shutil.copytree(mb.shipped_mini_base(), args.out, dirs_exist_ok=True)
     else:
-        cached = mini_base_cached(settings)
-        shutil.copytree(cached, args.out, dirs_exist_ok=True)
-        info = json.loads((args.out / "mini_base.json").read_text())
-    print(f"mini base written to {args.out}: built in {info['seconds']['total']:.0f} s; its generations pass the "
-          f"world probe for {info['probe_ok']:.0%} of world prompts (colour {info['probe_colour']:.0%}, kind "
-          f"{info['probe_kind']:.0%})")
+        settings = mb.MiniBaseSettings(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps)
+        if args.no_cache:
+            mb.build_mini_base(settings, args.out)
+        else:
+            shutil.copytree(mb.mini_base_cached(settings), args.out, dirs_exist_ok=True)
+    if args.pack:
+        mb.pack_mini_base(args.out, args.pack)
+    info = json.loads((args.out / "mini_base.json").read_text())
+    print(f"mini base written to {args.out} (pretrained in {info['seconds']['total']:.0f} s on "
+          f"{info.get('threads', '?')} CPU threads); its own generations pass the world probe for "
+          f"{info['probe_ok']:.0%} of world prompts (kind {info['probe_kind']:.0%}, colour {info['probe_colour']:.0%})")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -275,10 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "offline. Every recipe runs against OUT as model.pretrained. Built once per machine and "
                        "cached (LDM_FINETUNE_CACHE, default ~/.cache/ldm_finetune), then copied to OUT.")
     p.add_argument("out", type=Path, metavar="OUT", help="folder for the diffusers pipeline")
-    p.add_argument("--seed", type=int, default=0, help="build seed (default 0)")
-    p.add_argument("--vae-steps", type=int, default=1200, help="VAE training steps (default 1200)")
-    p.add_argument("--steps", type=int, default=1500, help="UNet + text encoder training steps (default 1500)")
-    p.add_argument("--no-cache", action="store_true", help="build into OUT directly, bypassing the cache")
+    p.add_argument("--rebuild", action="store_true",
+                   help="pretrain from scratch instead of unpacking the shipped weights (~25 min on 2 cores)")
+    p.add_argument("--seed", type=int, default=0, help="--rebuild: build seed (default 0)")
+    p.add_argument("--vae-steps", type=int, default=1000, help="--rebuild: VAE training steps (default 1000)")
+    p.add_argument("--steps", type=int, default=2500,
+                   help="--rebuild: UNet + text encoder training steps (default 2500)")
+    p.add_argument("--no-cache", action="store_true", help="--rebuild: build into OUT directly, not the cache")
+    p.add_argument("--pack", type=Path, metavar="DIR", help="also write the shipped form (fp16) to DIR")
     p.set_defaults(func=_mini_base)
 
     p = sub.add_parser("tiny-model", help="write a small random-init SD pipeline (for tests and the demo)",

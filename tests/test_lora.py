@@ -55,6 +55,9 @@ def random_lora(tmp_path_factory):
 
 def test_diffusers_loads_our_file_unchanged_and_alpha_survives(random_lora):
     folder, expected = random_lora
+    te_keys = [k for k in load_file(folder / LORA_WEIGHT_NAME) if k.startswith("text_encoder.")]
+    # the diffusers layout's canonical names, whatever CLIPTextModel's module tree is in the installed transformers
+    assert te_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te_keys)
     pipe = build_pipeline("tiny")
     base = images(pipe)
     pipe.load_lora_weights(folder)

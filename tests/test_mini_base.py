@@ -16,7 +16,15 @@ from safetensors.torch import load_file
 from ldm_finetune.data.world import world_words
 from ldm_finetune.models.tokenizer import pieces
 from ldm_finetune.training import mini_base
-from ldm_finetune.training.mini_base import MiniBaseSettings, build_mini_base, mini_base_cached
+from ldm_finetune.training.mini_base import (
+    MiniBaseSettings,
+    build_mini_base,
+    load_probe,
+    mini_base_cached,
+    pack_mini_base,
+    shipped_mini_base,
+    unpack_mini_base,
+)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -73,3 +81,39 @@ def test_the_cache_builds_once(monkeypatch, tmp_path):
     assert json.loads((first / "mini_base.json").read_text())["settings"]["steps"] == 3
     other = MiniBaseSettings(**{**SHORT.__dict__, "seed": 1})
     assert mini_base_cached(other) != first and len(calls) == 2  # other settings, another folder
+
+
+def test_packing_for_the_repository_keeps_the_weights_to_fp16(short_build, tmp_path):
+    out, _ = short_build
+    packed = pack_mini_base(out, tmp_path / "packed")
+    unpacked = unpack_mini_base(packed, tmp_path / "unpacked")
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "probe.safetensors"):
+        a, b = load_file(out / part), load_file(unpacked / part)
+        assert all(torch.equal(a[k].half().float(), b[k]) for k in a), part
+    assert StableDiffusionPipeline.from_pretrained(unpacked).tokenizer.model_max_length == 32
+
+
+def world_score(folder: Path, prompts: list[str], probe_from: Path, seeds=(0, 1)) -> float:
+    """Share of the prompts' generations the probe reads right."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    probe = load_probe(probe_from)
+    ok = []
+    for seed in seeds:
+        images = pipe(prompts, num_inference_steps=20, guidance_scale=4.0, height=32, width=32,
+                      generator=torch.Generator().manual_seed(seed), output_type="np").images
+        ok += [r["ok"] for r in probe.check(images, prompts)]
+    return sum(ok) / len(ok)
+
+
+PROMPTS = ["a red circle", "a blue square", "a yellow triangle", "a green circle on a white background",
+           "a white square on a black background", "a striped texture", "a checkerboard texture", "a dotted texture"]
+
+
+def test_the_shipped_base_follows_world_prompts_and_an_untrained_one_does_not(short_build, monkeypatch, tmp_path):
+    monkeypatch.setenv("LDM_FINETUNE_CACHE", str(tmp_path / "cache"))
+    shipped = shipped_mini_base()
+    info = json.loads((shipped / "mini_base.json").read_text())
+    assert info["probe_accuracy_on_world"] >= 0.98
+    assert world_score(shipped, PROMPTS, shipped) >= 0.6
+    assert world_score(short_build[0], PROMPTS, shipped) < 0.3  # 3 training steps: the same check fails

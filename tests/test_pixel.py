@@ -87,7 +87,7 @@ def test_sampling_guidance_seed_and_trajectory(pixel_run, tmp_path, run_cli):
 
 
 def test_ddpm_sampler_runs_all_steps(pixel_run, tmp_path, run_cli):
-    code, _, err = run_cli("sample", "--model", pixel_run / "model", "--class", "injected/thickness", "--n", "1",
+    code, _, err = run_cli("sample", "--model", pixel_run, "--class", "injected/thickness", "--n", "1",
                            "--sampler", "ddpm", "--bits", "16", "--out", tmp_path / "d")
     assert code == 0, err
     (png,) = (tmp_path / "d").glob("*.png")

@@ -16,7 +16,9 @@ from ldm_finetune.core.errors import UserError
 
 class Adapter:
     recipe = "adapter"  # the `recipe:` value that chooses it (the registry key)
-    kind = "adapter"  # model-spec suffix in the shared file's header
+    kind = "adapter"  # what the model card calls it
+    modelspec_suffix: str | None = None  # ModelSpec's architecture suffix ("lora", "textual-inversion"); None: a
+    # whole model, whose architecture id is the base's own
     supports_dreambooth = False  # may be combined with the DreamBooth objective (a `dreambooth:` section)
 
     def __init__(self, cfg):

@@ -13,6 +13,7 @@ from ldm_finetune.sharing.lora import save_lora
 class LoraAdapter(Adapter):
     recipe = "lora"
     kind = "lora"
+    modelspec_suffix = "lora"
     supports_dreambooth = True
 
     @classmethod

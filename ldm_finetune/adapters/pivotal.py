@@ -21,6 +21,7 @@ class PivotalAdapter(TextualInversionAdapter):
     learned value (the "pivot") and LoRA trains around them."""
     recipe = "pivotal"
     kind = "pivotal"
+    modelspec_suffix = "lora"  # ModelSpec has no pivotal kind: its main file is a LoRA (the tokens travel apart)
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -13,6 +13,7 @@ from ldm_finetune.sharing.embeddings import save_embeddings
 class TextualInversionAdapter(Adapter):
     recipe = "textual_inversion"
     kind = "textual-inversion"
+    modelspec_suffix = "textual-inversion"
 
     def __init__(self, cfg):
         super().__init__(cfg)

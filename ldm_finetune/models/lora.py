@@ -45,6 +45,10 @@ def lora_state_dict(unet, text_encoder=None) -> tuple[dict[str, torch.Tensor], d
         if meta is None:
             continue
         for key, value in get_peft_model_state_dict(model).items():
+            if prefix == "text_encoder" and not key.startswith("text_model."):
+                # transformers 5 flattened CLIPTextModel (no .text_model); the diffusers layout, which every
+                # diffusers version and kohya / ComfyUI read, keeps the historical text_model.* names
+                key = "text_model." + key
             weights[f"{prefix}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
         adapter_metadata.update({f"{prefix}.{k}": v for k, v in meta.items()})
     return weights, adapter_metadata

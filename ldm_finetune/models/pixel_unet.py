@@ -12,6 +12,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_dir, quantize
+from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.models.diffusion import DIFFUSERS_SCHEDULE, make_schedule, sample, x0_from_prediction
 from ldm_finetune.models.stable_diffusion import quiet_loading
 
@@ -108,6 +109,8 @@ def save_pixel_model(folder: Path, unet, noise_scheduler, classes: list[str], in
 
 def load_pixel_model(folder: str | Path) -> PixelModel:
     folder = Path(folder)
+    if (RunLayout(folder).pixel_model / CLASSES_FILE).is_file():  # a training run's folder: its model/ inside
+        folder = RunLayout(folder).pixel_model
     if not (folder / CLASSES_FILE).is_file() or not (folder / "unet").is_dir():
         raise UserError(f"--model {folder}: not a pixel DDPM model folder (expected unet/, scheduler/ and "
                         f"{CLASSES_FILE}, as written by recipes/ddpm_pixel.yaml in OUTPUT_DIR/model)")

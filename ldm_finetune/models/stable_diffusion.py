@@ -187,12 +187,21 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)
 
 
-def base_model_info(pretrained: str, unet) -> dict[str, str]:
-    """What a shared file should say about its base model: name, architecture family, weight hash when local."""
-
-    info = {"base_model": pretrained}
+def base_model_info(pretrained: str, unet, prediction_type: str = "epsilon") -> dict[str, str]:
+    """What a shared file should say about its base model: its name (a hub id, or only the folder's name for a
+    local model: local paths do not travel), its family in kohya's terms (sd_v1, sd_v2, sd_v2_v) and ModelSpec's
+    architecture id, and the weights' sha256 when local."""
+    local = Path(pretrained).expanduser().exists() or _looks_local(pretrained)
+    info = {"base_model": Path(pretrained).name if local else pretrained}
     cross = unet.config.cross_attention_dim
-    info["architecture"] = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2"}.get(cross, f"sd-cross{cross}")
+    if cross == 768:
+        info.update(family="sd_v1", architecture="stable-diffusion-v1")
+    elif cross == 1024 and prediction_type == "v_prediction":
+        info.update(family="sd_v2_v", architecture="stable-diffusion-v2-768-v")
+    elif cross == 1024:
+        info.update(family="sd_v2", architecture="stable-diffusion-v2-512")
+    else:  # not a Stable Diffusion release (the tiny model, the mini base): say so rather than borrow an id
+        info.update(family="other", architecture=f"ldm_finetune-sd-cross{cross}")
     weights = sorted((Path(pretrained).expanduser() / "unet").glob("diffusion_pytorch_model*.safetensors"))
     if weights:
         h = hashlib.sha256()

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from ldm_finetune.core.io import atomic_path
 from ldm_finetune.core.layout import RunLayout
+from ldm_finetune.sharing.metadata import tensors_sha256
 
 
 def token_name(token: str) -> str:
@@ -31,11 +32,13 @@ def save_embeddings(folder: Path, learned: dict[str, torch.Tensor], header: dict
             path = sub / f"{token_name(token)}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
-                save_file(data, str(tmp), metadata=meta | {"ldm_finetune.token": token})
+                save_file(data, str(tmp), metadata=meta | {"ldm_finetune.token": token,
+                                                           "modelspec.hash_sha256": tensors_sha256(data)})
             written.append(path)
     if len(learned) == 1:
         token, vectors = next(iter(learned.items()))
         with atomic_path(layout.learned_embeds) as tmp:
-            save_file({token: vectors}, str(tmp), metadata=meta | {"ldm_finetune.token": token})
+            save_file({token: vectors}, str(tmp), metadata=meta | {
+                "ldm_finetune.token": token, "modelspec.hash_sha256": tensors_sha256({token: vectors})})
         written.append(layout.learned_embeds)
     return written

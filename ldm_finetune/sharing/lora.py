@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path
 from ldm_finetune.core.layout import RunLayout
+from ldm_finetune.sharing.metadata import tensors_sha256
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # what diffusers' loader reads the LoRA config from
 COMPONENTS = ("unet", "text_encoder")
@@ -26,6 +27,7 @@ def save_lora(folder: Path, weights: dict, adapter_metadata: dict, header: dict[
     folder.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(adapter_metadata, sort_keys=True, default=str)}
     metadata.update(header)
+    metadata["modelspec.hash_sha256"] = tensors_sha256(weights)
     path = RunLayout(folder).lora
     with atomic_path(path) as tmp:
         save_file(weights, str(tmp), metadata=metadata)
@@ -88,7 +90,8 @@ def to_kohya(weights: dict[str, torch.Tensor], adapter_metadata: dict) -> dict[s
 
 
 def kohya_header(metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Keep our training metadata and model-spec keys; add the few ss_* keys A1111 shows for kohya files."""
+    """Our training metadata and model-spec keys, plus the ss_* keys kohya's tools write and A1111 reads: A1111
+    shows a LoRA only for the base family in ss_base_model_version / ss_v2, and lists the training facts."""
     header = {k: v for k, v in metadata.items() if k.startswith(("ldm_finetune.", "modelspec."))}
     header["ss_network_module"] = "networks.lora"
     ranks = {v.shape[0] for k, v in weights.items() if ".lora_A." in k}
@@ -96,7 +99,25 @@ def kohya_header(metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> 
         header["ss_network_dim"] = str(ranks.pop())
     if "ldm_finetune.tag_frequency" in metadata:
         header["ss_tag_frequency"] = json.dumps({"train": json.loads(metadata["ldm_finetune.tag_frequency"])})
-    header["ss_base_model_version"] = metadata.get("modelspec.architecture", "").split("/")[0]
+    family = metadata.get("ldm_finetune.base_family")
+    if family in ("sd_v1", "sd_v2", "sd_v2_v"):
+        header["ss_base_model_version"] = family
+        header["ss_v2"] = str(family != "sd_v1")
+        header["ss_v_parameterization"] = str(family == "sd_v2_v")
+    config = json.loads(metadata.get("ldm_finetune.config", "{}"))
+    facts = {
+        "ss_network_alpha": config.get("lora", {}).get("alpha"),
+        "ss_resolution": f"({config['data']['resolution']}, {config['data']['resolution']})" if "data" in config
+        else None,
+        "ss_num_train_images": metadata.get("ldm_finetune.num_train_images"),
+        "ss_max_train_steps": metadata.get("ldm_finetune.global_step"),
+        "ss_learning_rate": config.get("train", {}).get("learning_rate"),
+        "ss_seed": config.get("seed"),
+        "ss_noise_offset": config.get("noise", {}).get("offset"),
+        "ss_sd_model_name": metadata.get("ldm_finetune.base_model"),
+        "ss_training_comment": metadata.get("modelspec.description"),
+    }
+    header.update({k: str(v) for k, v in facts.items() if v is not None})
     return header
 
 

@@ -11,8 +11,10 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
+import os
 from pathlib import Path
 
+import torch
 import yaml
 
 from ldm_finetune.core.configtools import to_dict
@@ -36,6 +38,16 @@ def tag_frequency(captions: list[str]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+def tensors_sha256(tensors: dict) -> str:
+    """ModelSpec's hash_sha256 of a file's weights: sha256 over its tensors' bytes in key order (the header, which
+    holds this hash, is left out)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return "0x" + h.hexdigest()
+
+
 def manifest_sha256(train_dir: Path) -> str | None:
     """sha256 of the prep manifest next to the training folder, tying a model to the exact dataset."""
     for candidate in (train_dir / "manifest.json", train_dir.parent / "manifest.json"):
@@ -44,25 +56,50 @@ def manifest_sha256(train_dir: Path) -> str | None:
     return None
 
 
+def shareable_config(cfg) -> dict:
+    """The resolved config as it travels in a shared file: local folders reduced to their names (a path on the
+    trainer's machine means nothing elsewhere and can say more than intended)."""
+    data = to_dict(cfg)
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        if isinstance(value, str) and (value.startswith(("/", "~", "./", "../")) or Path(value).exists()):
+            return Path(value).name
+        return value
+
+    return strip(data)
+
+
 def training_header(cfg, base: dict[str, str], captions: list[str], trigger_words: list[str], step: int,
-                    prediction_type: str, kind: str = "lora") -> dict[str, str]:
+                    prediction_type: str, modelspec_suffix: str | None = "lora",
+                    num_train_images: int | None = None) -> dict[str, str]:
+    architecture = base["architecture"] + (f"/{modelspec_suffix}" if modelspec_suffix else "")
     header = {
         "ldm_finetune.recipe": cfg.recipe,
-        "ldm_finetune.config": json.dumps(to_dict(cfg), sort_keys=True),
+        "ldm_finetune.config": json.dumps(shareable_config(cfg), sort_keys=True),
         "ldm_finetune.base_model": base["base_model"],
+        "ldm_finetune.base_family": base["family"],
         "ldm_finetune.trigger_words": json.dumps(trigger_words),
         "ldm_finetune.tag_frequency": json.dumps(tag_frequency(captions)),
         "ldm_finetune.global_step": str(step),
         "ldm_finetune.prediction_type": prediction_type,
         "ldm_finetune.versions": json.dumps(library_versions(), sort_keys=True),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{base['architecture']}/{kind}",
+        "modelspec.architecture": architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": Path(cfg.output_dir).name,
+        "modelspec.author": os.environ.get("LDM_FINETUNE_AUTHOR", "ldm_finetune"),
+        "modelspec.description": f"{cfg.recipe} adapter for {base['base_model']}, trained with ldm_finetune on "
+                                 f"X-ray tomography slices of a 3D-woven composite ({step} steps)",
         "modelspec.trigger_phrase": ", ".join(trigger_words),
         "modelspec.date": datetime.date.today().isoformat(),
         "modelspec.resolution": f"{cfg.data.resolution}x{cfg.data.resolution}",
     }
+    if num_train_images is not None:
+        header["ldm_finetune.num_train_images"] = str(num_train_images)
     if "base_model_sha256" in base:
         header["ldm_finetune.base_model_sha256"] = base["base_model_sha256"]
     digest = manifest_sha256(Path(cfg.data.train_dir))

@@ -26,9 +26,10 @@ import diffusers
 import numpy as np
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDPMScheduler
-from safetensors.torch import save_file
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm_finetune.core.io import atomic_dir
 from ldm_finetune.data.world import draw, sample_item, world_prompts, world_samples, world_words
@@ -43,7 +44,7 @@ from ldm_finetune.models.mini_base import (
 )
 from ldm_finetune.models.stable_diffusion import SD_SCHEDULE, sd_pipeline
 from ldm_finetune.models.tokenizer import write_word_tokenizer
-from ldm_finetune.models.world_probe import WorldProbe, train_probe
+from ldm_finetune.models.world_probe import ProbeNet, WorldProbe, train_probe
 from ldm_finetune.training.config import CheckpointConfig, LoggingConfig, TrainConfig
 from ldm_finetune.training.fit import fit
 from ldm_finetune.training.task import Task
@@ -55,10 +56,10 @@ BUILD_CODE = [Path(__file__), *(Path(__file__).resolve().parent.parent / p for p
 @dataclass
 class MiniBaseSettings:
     seed: int = 0
-    vae_steps: int = 1200
+    vae_steps: int = 1000
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    steps: int = 1500  # text-to-image steps
+    steps: int = 2500  # text-to-image steps
     batch: int = 64
     lr: float = 1e-3
     world_images: int = 8192  # distinct world images the text-to-image phase sees
@@ -271,6 +272,11 @@ def build_mini_base(settings: MiniBaseSettings, out: Path) -> dict:
                 "probe_accuracy_on_world": probe.score(),
                 **score_base(pipe, probe, settings.eval_seeds, settings.guidance)}
         info["seconds"]["total"] = round(time.time() - started, 1)
+        info["threads"] = torch.get_num_threads()  # CPU reductions depend on it: same count, same bits
+        info["rebuild_command"] = (f"ldm-finetune mini-base OUT --rebuild --no-cache --seed {settings.seed} "
+                                   f"--vae-steps {settings.vae_steps} --steps {settings.steps}")
+        info["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                            "transformers": transformers.__version__}
         for run in ("vae", "text_to_image"):
             shutil.rmtree(work / run / "checkpoints", ignore_errors=True)
         shutil.rmtree(work / "vae" / "vae", ignore_errors=True)  # the same weights are in OUT/vae
@@ -306,3 +312,75 @@ def mini_base_cached(settings: MiniBaseSettings | None = None) -> Path:
         if not (folder / "mini_base.json").is_file():
             build_mini_base(settings, folder)
     return folder
+
+
+# --- the shipped weights --------------------------------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "mini_base"
+PACKED_WEIGHTS = "weights.safetensors"  # every model's weights in fp16 (the repository's 20 MB budget)
+PARTS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+
+
+def pack_mini_base(folder: Path, out: Path) -> Path:
+    """A built mini base -> the form shipped in the package: one fp16 safetensors file with every model (and the
+    probe), their configs, the tokenizer and the build record. fp16 halves the size; unpacking casts back to fp32."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    tensors = {f"{name}.{k}": v.to(torch.float16).contiguous()
+               for name in PARTS for k, v in getattr(pipe, name).state_dict().items()}
+    tensors.update({f"probe.{k}": v.to(torch.float16).contiguous()
+                    for k, v in load_file(folder / "probe.safetensors").items()})
+    configs = {name: dict(getattr(pipe, name).config) for name in ("unet", "vae")}
+    configs["text_encoder"] = pipe.text_encoder.config.to_dict()
+    configs["scheduler"] = dict(pipe.scheduler.config)
+    with atomic_dir(out, overwrite=out.exists()) as tmp:
+        save_file(tensors, str(tmp / PACKED_WEIGHTS))
+        (tmp / "configs.json").write_text(json.dumps(configs, indent=1, sort_keys=True, default=str))
+        shutil.copy(folder / "mini_base.json", tmp / "mini_base.json")
+        pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+    return out
+
+
+def unpack_mini_base(packed: Path, out: Path) -> Path:
+    """The shipped form -> a diffusers pipeline folder (fp32 weights) that recipes load as model.pretrained."""
+    tensors = load_file(str(packed / PACKED_WEIGHTS))
+    configs = json.loads((packed / "configs.json").read_text())
+    models = {}
+    for name, cls in PARTS.items():
+        if name == "text_encoder":
+            config = {k: v for k, v in configs[name].items() if k not in ("architectures", "transformers_version")}
+            model = cls(CLIPTextConfig(**config))
+        else:
+            model = cls.from_config({k: v for k, v in configs[name].items() if not k.startswith("_")})
+        state = {k[len(name) + 1:]: v.float() for k, v in tensors.items() if k.startswith(name + ".")}
+        model.load_state_dict(state)
+        models[name] = model.eval()
+    scheduler = DDIMScheduler.from_config({k: v for k, v in configs["scheduler"].items() if not k.startswith("_")})
+    tokenizer = CLIPTokenizer.from_pretrained(packed / "tokenizer")
+    pipe = sd_pipeline(models["vae"], models["text_encoder"], tokenizer, models["unet"], scheduler)
+    with atomic_dir(out, overwrite=out.exists()) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_file({k[len("probe."):]: v.float() for k, v in tensors.items() if k.startswith("probe.")},
+                  str(tmp / "probe.safetensors"))
+        shutil.copy(packed / "mini_base.json", tmp / "mini_base.json")
+    return out
+
+
+def shipped_mini_base() -> Path:
+    """The shipped mini base, unpacked once per machine into the cache (keyed by the packed weights' hash)."""
+    digest = hashlib.sha256((SHIPPED / PACKED_WEIGHTS).read_bytes()).hexdigest()[:16]
+    folder = cache_root() / "mini-base" / f"shipped-{digest}"
+    if (folder / "mini_base.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "mini_base.json").is_file():
+            unpack_mini_base(SHIPPED, folder)
+    return folder
+
+
+def load_probe(folder: Path) -> WorldProbe:
+    """The world probe saved with a mini base."""
+    net = ProbeNet()
+    net.load_state_dict(load_file(str(Path(folder) / "probe.safetensors")))
+    return WorldProbe(net.eval())

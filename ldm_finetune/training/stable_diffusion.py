@@ -209,8 +209,10 @@ class StableDiffusionTask(Task):
         unet = self.accelerator.unwrap_model(self.unet)
         captions = [r.caption for r in self.records]
         trigger_words = sorted(set(captions))
-        header = training_header(cfg, base_model_info(cfg.model.pretrained, unet), captions, trigger_words,
-                                 global_step, self.noise_scheduler.config.prediction_type, self.adapter.kind)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        header = training_header(cfg, base_model_info(cfg.model.pretrained, unet, prediction_type), captions,
+                                 trigger_words, global_step, prediction_type, self.adapter.modelspec_suffix,
+                                 len({r.path for r in self.records}))
         written = self.adapter.save(self, header)
         grid_path = self.validate(global_step, "final")
         write_model_card(self.layout, cfg, self.adapter, header, trigger_words,

@@ -1,0 +1,127 @@
+"""The mini base as a base: build time, sizes, how well its own generations follow world prompts, and how well its
+VAE (trained on the world and generic textures, never on CT) reconstructs phantom CT slices it never saw, next to
+the same VAE architecture trained on phantom slices for the same number of steps.
+
+    python benchmarks/mini_base.py                      # builds the default mini base (or uses --base DIR)
+    python benchmarks/mini_base.py --base /tmp/mb_full  # an existing build
+
+Reconstruction is measured at the demo's fine-tuning resolution (64 px) on the phantom's validation slices.
+Results go to results/mini_base_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from data_prep.config import PrepConfig, VolumeSpec
+from data_prep.phantom import STATES, write_phantoms
+from data_prep.prep import run_prep
+from ldm_finetune.training.mini_base import MiniBaseSettings, VaeTask, build_mini_base, phase_config
+from ldm_finetune.training.fit import fit
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def phantom_slices(work: Path, resolution: int) -> Path:
+    volumes = write_phantoms(work / "volumes", (96, 192, 256), seed=0)
+    run_prep(PrepConfig(volumes=[VolumeSpec(s, volumes[s]) for s in STATES], out=work / "data",
+                        resolution=resolution), show_progress=False)
+    return work / "data"
+
+
+def load_grey(folder: Path) -> torch.Tensor:
+    """(N, 3, R, R) in [-1, 1]: grey slices repeated over RGB, as SD's VAE sees them."""
+    paths = sorted(folder.glob("*.png"))
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255) for p in paths])
+    return x[:, None].repeat(1, 3, 1, 1) * 2 - 1
+
+
+@torch.no_grad()
+def psnr(vae: AutoencoderKL, x: torch.Tensor) -> float:
+    """Mean PSNR (dB) of the VAE's reconstruction (posterior mode) in [0, 1] grey levels."""
+    values = []
+    for batch in x.split(32):
+        rec = vae.decode(vae.encode(batch).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((rec - batch) / 2).pow(2).mean((1, 2, 3))
+        values.append(10 * torch.log10(1 / mse))
+    return float(torch.cat(values).mean())
+
+
+class CtCrops(torch.utils.data.Dataset):
+    """Random 32 px crops of phantom training slices (the reference VAE's data, the same crop size as the world)."""
+
+    def __init__(self, slices: torch.Tensor, n: int, seed: int):
+        self.slices, self.n, self.seed = slices, n, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        s = self.slices[int(torch.randint(len(self.slices), (1,), generator=g))]
+        top, left = torch.randint(0, s.shape[1] - 31, (2,), generator=g).tolist()
+        return {"pixel_values": s[:, top:top + 32, left:left + 32]}
+
+
+class CtVaeTask(VaeTask):
+    def __init__(self, settings, out, slices):
+        super().__init__(settings, out)
+        self.slices = slices
+
+    def build(self, accelerator):
+        super().build(accelerator)
+        return CtCrops(self.slices, self.settings.vae_steps * self.settings.vae_batch, self.settings.seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, help="an existing mini base folder (default: build one here)")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=RESULTS / "mini_base_cpu.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = args.base
+        if base is None:
+            base = work / "base"
+            build_mini_base(MiniBaseSettings(), base)
+        info = json.loads((base / "mini_base.json").read_text())
+        settings = MiniBaseSettings(**{k: v for k, v in info["settings"].items() if k != "arch"})
+        data = phantom_slices(work, args.resolution)
+        train, val = load_grey(data / "train"), load_grey(data / "validation")
+        started = time.time()
+        reference = work / "ct_vae"
+        fit(phase_config(work / "ct_vae_run", settings.vae_steps, settings.vae_batch, settings.vae_lr, settings.seed),
+            CtVaeTask(settings, reference, train))
+        reference_seconds = time.time() - started
+        mini = AutoencoderKL.from_pretrained(base / "vae").eval()
+        ct = AutoencoderKL.from_pretrained(reference).eval()
+        record = {
+            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "build": {k: info[k] for k in ("seconds", "parameters_m",
+                                                                       "probe_accuracy_on_world", "probe_ok",
+                                                                       "probe_kind", "probe_colour",
+                                                                       "probe_background")},
+            "settings": info["settings"],
+            "vae_psnr_db": {"phantom_validation_slices": len(val), "resolution": args.resolution,
+                            "mini_base_vae (world + textures)": round(psnr(mini, val), 2),
+                            "same_vae_trained_on_phantom_slices": round(psnr(ct, val), 2),
+                            "reference_training_seconds": round(reference_seconds, 1)},
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
