@@ -1,13 +1,14 @@
 """`ldm-finetune demo`: the whole pipeline on built-in synthetic data, on a CPU, in about ten minutes.
 
-    phantom CT volumes -> prep (captioned thickness/warp/weft slices, leak-free split) -> tiny random-init SD
+    phantom CT volumes -> prep (captioned thickness/warp/weft slices, leak-free split) -> the mini base (a small
+    SD-architecture model pretrained on a world of coloured shapes and textures, shipped with the package)
     -> LoRA+DreamBooth and Textual Inversion (recipes/*.yaml through `accelerate launch`) -> generation
     -> class-conditional pixel DDPM from scratch (recipes/ddpm_pixel.yaml through `accelerate launch`)
     -> evaluation report (fidelity per class, classifier, memorisation, 3D consistency, prompt-drift probes)
 
-The tiny SD has random weights and no language: its stages show that the mechanics run end to end (training,
-shareable files, loading them back, generation, evaluation), not what Stable Diffusion learns. The pixel DDPM trains
-from scratch on the slices and does learn them within minutes; the report says which is which.
+The mini base knows a little language ("a red circle", "a striped texture") and no CT: what its fine-tuned LoRA and
+embeddings show of CT they learned in the demo, and what they still draw for world prompts is their drift. The pixel
+DDPM trains from scratch on the slices; the report says which is which.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ldm_finetune.core.errors import TrainingStopped, UserError
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.evaluation.config import run_config
 from ldm_finetune.generation.generate import GenerateSettings, generate
-from ldm_finetune.models.stable_diffusion import write_tiny_model
+from ldm_finetune.training.mini_base import shipped_mini_base
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -45,7 +46,7 @@ DREAMBOOTH_PROMPTS = {"dry": "a w17h3r texture", "injected": "a 1nj3C7 texture"}
 DREAMBOOTH_SAMPLES = ["a w17h3r texture", "a th1ck texture", "a w@rp texture", "a 1nj3C7 texture"]
 
 
-# Textual Inversion's initialisers must be single tokens of the tiny tokenizer (the shipped recipe uses CLIP words)
+# Textual Inversion's initialisers: single tokens of the mini base's vocabulary
 TI_INITIALIZERS = {"dry": "dry", "dry-compacted": "compacted", "injected": "injected"}
 
 
@@ -89,9 +90,9 @@ def run_demo(settings: DemoSettings) -> Path:
     _claim(out)
     stages = [("phantom", "synthetic CT volumes of a 3D-woven composite", _phantom),
               ("prep", "captioned thickness/warp/weft slices, split without leakage", _prep),
-              ("tiny-model", "a small random-init Stable Diffusion pipeline (no download)", _tiny_model),
-              ("lora-dreambooth", "recipes/lora_dreambooth.yaml on the tiny model", _lora_dreambooth),
-              ("textual-inversion", "recipes/textual_inversion.yaml on the tiny model", _textual_inversion),
+              ("mini-base", "the small pretrained text-to-image base, unpacked (no download)", _mini_base),
+              ("lora-dreambooth", "recipes/lora_dreambooth.yaml on the mini base", _lora_dreambooth),
+              ("textual-inversion", "recipes/textual_inversion.yaml on the mini base", _textual_inversion),
               ("generate", "images from the LoRA and the embeddings, loaded back as files", _generate),
               ("ddpm-pixel", "recipes/ddpm_pixel.yaml: a class-conditional pixel DDPM from scratch", _ddpm),
               ("evaluate", "fidelity, memorisation, consistency and prompt drift, as an HTML report", _evaluate)]
@@ -141,13 +142,16 @@ def _prep(s: DemoSettings) -> None:
     print(summary_table(manifest))
 
 
-def _tiny_model(s: DemoSettings) -> None:
-    print(f"  {write_tiny_model(s.out / 'tiny-sd', seed=s.seed)}")
+def _mini_base(s: DemoSettings) -> None:
+    shutil.copytree(shipped_mini_base(), s.out / "mini-base", dirs_exist_ok=True)
+    info = json.loads((s.out / "mini-base" / "mini_base.json").read_text())
+    print(f"  {s.out / 'mini-base'}  (its own generations pass the world probe for {info['probe_ok']:.0%} of world "
+          "prompts)")
 
 
 def _sd_overrides(s: DemoSettings, name: str) -> dict:
-    """What turns a shipped SD recipe into a CPU run on the tiny model (every other key is the recipe's own)."""
-    return {"model.pretrained": s.out / "tiny-sd", "data.train_dir": s.out / "dataset" / "train",
+    """What turns a shipped SD recipe into a CPU run on the mini base (every other key is the recipe's own)."""
+    return {"model.pretrained": s.out / "mini-base", "data.train_dir": s.out / "dataset" / "train",
             "output_dir": s.out / "runs" / name, "data.resolution": s.resolution, "data.num_workers": 0,
             "train.max_steps": s.sd_steps, "train.lr_warmup_steps": min(10, s.sd_steps),
             "train.learning_rate": 1e-3, "train.mixed_precision": "no", "checkpoint.every_steps": "null",
@@ -167,7 +171,7 @@ def _textual_inversion(s: DemoSettings) -> None:
 
 
 def _generate(s: DemoSettings) -> None:
-    model = str(s.out / "tiny-sd")
+    model = str(s.out / "mini-base")
     runs = s.out / "runs"
     jobs = {"lora_dreambooth": GenerateSettings(DREAMBOOTH_SAMPLES, n=2, steps=20, height=s.resolution,
                                                 width=s.resolution, grayscale=True,
@@ -197,17 +201,16 @@ def _evaluate(s: DemoSettings) -> None:
 
 
 def evaluation_config(s: DemoSettings) -> dict:
-    """Five sets against the real slices: the tiny base, its LoRA+DreamBooth and Textual Inversion, the pixel DDPM,
+    """Five sets against the real slices: the mini base, its LoRA+DreamBooth and Textual Inversion, the pixel DDPM,
     and the local-score baseline (what patch-copying alone gives)."""
-
-    runs, tiny = s.out / "runs", str(s.out / "tiny-sd")
+    runs, base = s.out / "runs", str(s.out / "mini-base")
     return {
         "real": str(s.out / "dataset"),
         "models": [
-            {"name": "tiny-base", "kind": "sd", "model": tiny},
-            {"name": "tiny-lora-dreambooth", "kind": "sd", "model": tiny, "loras": [str(runs / "lora_dreambooth")],
+            {"name": "mini-base", "kind": "sd", "model": base},
+            {"name": "mini-lora-dreambooth", "kind": "sd", "model": base, "loras": [str(runs / "lora_dreambooth")],
              "concepts": {class_key(st, o): p for st, p in DREAMBOOTH_PROMPTS.items() for o in ORIENTATIONS}},
-            {"name": "tiny-textual-inversion", "kind": "sd", "model": tiny,
+            {"name": "mini-textual-inversion", "kind": "sd", "model": base,
              "embeddings": [str(RunLayout(runs / "textual_inversion").embeddings)],
              "concepts": {class_key(st, o): TI_CAPTION.format(token=ti_token(st)) for st in STATES for o in ORIENTATIONS}},
             {"name": "ddpm-pixel", "kind": "pixel", "model": str(RunLayout(runs / "ddpm_pixel").pixel_model)},
@@ -216,12 +219,15 @@ def evaluation_config(s: DemoSettings) -> dict:
              "classes": ["dry/thickness", "dry-compacted/warp", "injected/weft"]}],
         "seeds": list(range(s.eval_images)),
         "probe_seeds": [0, 1],
-        "sampler": {"steps": 10, "pixel_eta": 1.0},  # the tiny SD: mechanics, not quality
+        "sampler": {"steps": 20, "pixel_eta": 1.0},
+        # drift probes the mini base can answer: world objects, the class noun of DreamBooth, another texture
+        "probes": ["a red circle", "a blue square on a white background", "a texture", "a striped texture"],
         "bootstrap": 20,
         "notes": [
-            "Demo run on synthetic phantom volumes. The three tiny-* models are a random-init Stable Diffusion "
-            "with no pretrained knowledge, fine-tuned for a few CPU steps: they show that training, the shareable "
-            "files, loading and generation work, not image quality. Expect them far from the real slices.",
+            "Demo run on synthetic phantom volumes. The three mini-* models are the mini base, a small Stable "
+            f"Diffusion pretrained on a world of coloured shapes and textures (no CT), and what {s.sd_steps} CPU "
+            "steps of LoRA+DreamBooth and Textual Inversion made of it: CT-likeness they show was learned here, "
+            "and the probes show what they still draw for world prompts (drift).",
             f"ddpm-pixel was trained from scratch on these slices for {s.ddpm_steps} steps at {s.ddpm_resolution} "
             "px (upscaled here): it is the model that shows real learning. Compare it with local-score, the "
             "training-free baseline that stitches training patches together."]}

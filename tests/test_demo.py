@@ -25,7 +25,7 @@ def test_demo_runs_every_stage_and_writes_a_report(tmp_path):
     out = tmp_path / "demo"
     result = demo("--out", str(out), *SMALLEST)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    for k, stage in enumerate(["phantom", "prep", "tiny-model", "lora-dreambooth", "textual-inversion", "generate",
+    for k, stage in enumerate(["phantom", "prep", "mini-base", "lora-dreambooth", "textual-inversion", "generate",
                                "ddpm-pixel", "evaluate"], 1):
         assert f"[{k}/8] {stage} done in" in result.stdout
     report = out / "evaluation" / "report.html"
@@ -39,16 +39,16 @@ def test_demo_runs_every_stage_and_writes_a_report(tmp_path):
     assert (out / "logs" / "ddpm_pixel.log").stat().st_size > 0
     assert len(list((out / "generated" / "lora_dreambooth").glob("*.png"))) == 8  # 4 prompts x 2 seeds
     assert len(list((out / "generated" / "textual_inversion").glob("*.png"))) == 6
-    # the report: images, numbers for every model, and the plain statement of what the tiny models show
+    # the report: images, numbers for every model, and the plain statement of what the mini-* models show
     html = report.read_text()
     assert html.count("<img") >= 10
-    assert "random-init Stable Diffusion" in html and "shows real learning" in html
+    assert "pretrained on a world of coloured shapes" in html and "shows real learning" in html
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     fidelity = metrics["fidelity"]
-    assert set(fidelity["dry/thickness"]["models"]) == {"tiny-base", "tiny-lora-dreambooth",
-                                                        "tiny-textual-inversion", "ddpm-pixel", "local-score"}
+    assert set(fidelity["dry/thickness"]["models"]) == {"mini-base", "mini-lora-dreambooth",
+                                                        "mini-textual-inversion", "ddpm-pixel", "local-score"}
     # LoRA+DreamBooth is evaluated on the classes its concepts cover only, the slow baseline on one class per cut
-    assert set(fidelity["dry-compacted/warp"]["models"]) == {"tiny-base", "tiny-textual-inversion", "ddpm-pixel",
+    assert set(fidelity["dry-compacted/warp"]["models"]) == {"mini-base", "mini-textual-inversion", "ddpm-pixel",
                                                              "local-score"}
     assert "local-score" not in fidelity["dry/warp"]["models"]
     assert json.loads((out / "demo.json").read_text())["status"] == "done"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ldm_finetune.data.world import (
     CLASS_NOUN,
@@ -16,6 +17,7 @@ from ldm_finetune.data.world import (
     world_words,
 )
 from ldm_finetune.models.world_probe import train_probe
+from ldm_finetune.training.mini_base import load_probe, shipped_mini_base
 
 
 def test_the_world_is_seeded_and_captions_parse_back_to_their_truth():
@@ -45,10 +47,16 @@ def test_a_shape_is_drawn_in_its_colour_on_its_background():
 
 
 @pytest.mark.slow
-def test_the_probe_reads_fresh_world_images_and_rejects_wrong_prompts():
-    probe = train_probe()
+def test_the_shipped_probe_reads_fresh_world_images_and_rejects_wrong_prompts(monkeypatch, tmp_path):
+    monkeypatch.setenv("LDM_FINETUNE_CACHE", str(tmp_path / "cache"))
+    probe = load_probe(shipped_mini_base())
     assert probe.score() >= 0.98  # new images, a seed the probe never trained on
     images, items = world_samples(64, seed=999)
     wrong = [f"a {'blue' if it.colour != 'blue' else 'red'} {it.kind}" if it.colour else
              f"a {'dotted' if it.kind != 'dotted' else 'striped'} texture" for it in items]
     assert np.mean([r["ok"] for r in probe.check(images, wrong)]) < 0.05  # the probe can say no
+
+
+def test_probe_training_runs_and_is_seeded():
+    a, b = train_probe(steps=3, batch=8, seed=0), train_probe(steps=3, batch=8, seed=0)
+    assert all(torch.equal(x, y) for x, y in zip(a.net.state_dict().values(), b.net.state_dict().values()))

@@ -336,7 +336,7 @@ def pack_mini_base(folder: Path, out: Path) -> Path:
         save_file(tensors, str(tmp / PACKED_WEIGHTS))
         (tmp / "configs.json").write_text(json.dumps(configs, indent=1, sort_keys=True, default=str))
         shutil.copy(folder / "mini_base.json", tmp / "mini_base.json")
-        pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+        shutil.copytree(folder / "tokenizer", tmp / "tokenizer")  # vocab.json + merges.txt
     return out
 
 
