@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.train import main
@@ -86,3 +88,71 @@ def test_resuming_a_finished_run_changes_nothing(tiny_model_dir, small_train_dir
         "checkpoint.every_steps": 2, "train.max_steps": 5, "checkpoint.resume": "latest"})) == 0
     steps = [json.loads(x)["step"] for x in layout.metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # step 3 was replayed from checkpoint-2 and is logged once
+
+
+def run_until_killed(args: list[str], metrics: Path, at_step: int, timeout: float = 300) -> bool:
+    """Start a training run in a subprocess and SIGKILL it once metrics.jsonl reaches `at_step`; False if it
+    finished first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_finetune.train", str(LORA_YAML), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    return False
+
+
+def test_three_sigkills_and_resumes_give_the_uninterrupted_adapter(tiny_model_dir, small_train_dir, tmp_path):
+    import random
+
+    common = {"train.max_steps": 9, "checkpoint.every_steps": 1, "checkpoint.total_limit": 2,
+              "data.cache_latents": "none"}
+    assert run_train(*lora_overrides(tiny_model_dir, small_train_dir, tmp_path / "straight", **common)) == 0
+    out = tmp_path / "killed"
+    args = [str(a) for a in lora_overrides(tiny_model_dir, small_train_dir, out, **common,
+                                           **{"checkpoint.resume": "latest"})]
+    kills = sorted(random.Random(0).sample(range(2, 9), 3))
+    killed = [run_until_killed(args, RunLayout(out).metrics, step) for step in kills]
+    assert sum(killed) >= 2, killed  # the runs really died mid-way (a fast machine may finish one first)
+    assert run_train(*args) == 0  # the last resume runs to the end
+    straight = load_file(RunLayout(tmp_path / "straight").lora)
+    resumed = load_file(RunLayout(out).lora)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    steps = [json.loads(x)["step"] for x in RunLayout(out).metrics.read_text().splitlines()]
+    assert steps == list(range(1, 10))  # every step logged once, despite the replays
+
+
+def test_a_save_killed_midway_is_never_resumed_from(tiny_model_dir, small_train_dir, tmp_path, monkeypatch):
+    """A checkpoint is written under a temporary name and renamed when complete: a save that dies halfway leaves a
+    .part folder that `resume=latest` ignores, and the run resumes from the last complete checkpoint."""
+    from accelerate import Accelerator
+
+    out = tmp_path / "run"
+    common = {"train.max_steps": 4, "checkpoint.every_steps": 2}
+    real_save = Accelerator.save_state
+
+    def dying_save(self, output_dir=None, **kwargs):
+        if "checkpoint-4" in str(output_dir):
+            real_save(self, output_dir, **kwargs)
+            raise SystemExit("killed during the save of step 4")  # after writing, before the rename
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", dying_save)
+    with pytest.raises(SystemExit):
+        run_train(*lora_overrides(tiny_model_dir, small_train_dir, out, **common))
+    layout = RunLayout(out)
+    assert sorted(p.name for p in layout.checkpoints.iterdir()) == [".checkpoint-4.part", "checkpoint-2"]
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    assert run_train(*lora_overrides(tiny_model_dir, small_train_dir, out, **common,
+                                     **{"checkpoint.resume": "latest"})) == 0
+    assert [json.loads(x)["step"] for x in layout.metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    assert (layout.checkpoints / "checkpoint-4").is_dir()
