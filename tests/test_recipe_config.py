@@ -61,6 +61,8 @@ def test_overrides_are_yaml_scalars():
     (["lora.targets=[attention, mlp]"], "lora.targets[1]: 'mlp' is not one of"),
     (["recipe=lorra"], "did you mean 'lora'"),
     (["train.max_steps"], "is not of the form key.sub=value"),
+    (["textual_inversion.num_vectors=3"], "textual_inversion: recipe lora does not read this section"),
+    (["pivotal.ti_steps=5"], "pivotal: recipe lora does not read this section"),
 ])
 def test_bad_configs_name_the_key(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):

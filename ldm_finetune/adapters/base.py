@@ -20,6 +20,7 @@ class Adapter:
     modelspec_suffix: str | None = None  # ModelSpec's architecture suffix ("lora", "textual-inversion"); None: a
     # whole model, whose architecture id is the base's own
     supports_dreambooth = False  # may be combined with the DreamBooth objective (a `dreambooth:` section)
+    sections: tuple[str, ...] = ()  # the adapter-specific config sections it reads (others are a mistake)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -19,6 +19,7 @@ class FullAdapter(Adapter):
     recipe = "full"
     kind = "full"
     supports_dreambooth = True
+    sections = ("full",)
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -15,6 +15,7 @@ class LoraAdapter(Adapter):
     kind = "lora"
     modelspec_suffix = "lora"
     supports_dreambooth = True
+    sections = ("lora",)
 
     @classmethod
     def trains_text_encoder(cls, cfg) -> bool:

@@ -22,6 +22,7 @@ class PivotalAdapter(TextualInversionAdapter):
     recipe = "pivotal"
     kind = "pivotal"
     modelspec_suffix = "lora"  # ModelSpec has no pivotal kind: its main file is a LoRA (the tokens travel apart)
+    sections = ("textual_inversion", "pivotal", "lora")
 
     @classmethod
     def check_config(cls, cfg) -> None:

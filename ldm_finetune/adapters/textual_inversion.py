@@ -14,6 +14,7 @@ class TextualInversionAdapter(Adapter):
     recipe = "textual_inversion"
     kind = "textual-inversion"
     modelspec_suffix = "textual-inversion"
+    sections = ("textual_inversion",)
 
     def __init__(self, cfg):
         super().__init__(cfg)

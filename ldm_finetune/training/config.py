@@ -404,6 +404,14 @@ def load_config(path: str | Path, overrides: list[str] = ()):
     anything heavy is imported."""
     data = apply_overrides(load_yaml(path), list(overrides))
     cls = PixelRecipeConfig if data.get("recipe") == "ddpm_pixel" else RecipeConfig
+    adapter = ADAPTERS.get(data.get("recipe"))
+    if adapter is not None:
+        # a section of another adapter would be silently ignored: say so instead
+        foreign = [k for cls_ in ADAPTERS.values() for k in cls_.sections if k in data and k not in adapter.sections]
+        if foreign:
+            raise UserError(f"{path}: {foreign[0]}: recipe {data['recipe']} does not read this section (it is "
+                            f"for recipe {next(n for n, c in ADAPTERS.items() if foreign[0] in c.sections)}); "
+                            "remove it or change recipe")
     try:
         return from_dict(cls, data)
     except UserError as exc:
