@@ -19,7 +19,8 @@ from tests.conftest import lora_overrides
 pytestmark = pytest.mark.slow
 
 
-LORA_YAML = Path(__file__).parent.parent / "recipes" / "lora.yaml"
+RECIPES = Path(__file__).parent.parent / "recipes"
+LORA_YAML = RECIPES / "lora.yaml"
 
 
 def run_train(*overrides) -> int:
@@ -90,7 +91,7 @@ def test_resuming_a_finished_run_changes_nothing(tiny_model_dir, small_train_dir
     assert steps == [1, 2, 3, 4, 5]  # step 3 was replayed from checkpoint-2 and is logged once
 
 
-def run_until_killed(args: list[str], metrics: Path, at_step: int, timeout: float = 300) -> bool:
+def run_until_killed(recipe: str, args: list[str], metrics: Path, at_step: int, timeout: float = 300) -> bool:
     """Start a training run in a subprocess and SIGKILL it once metrics.jsonl reaches `at_step`; False if it
     finished first."""
     import signal
@@ -98,7 +99,7 @@ def run_until_killed(args: list[str], metrics: Path, at_step: int, timeout: floa
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "ldm_finetune.train", str(LORA_YAML), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_finetune.train", str(RECIPES / recipe), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
@@ -111,29 +112,52 @@ def run_until_killed(args: list[str], metrics: Path, at_step: int, timeout: floa
     return False
 
 
-def test_three_sigkills_and_resumes_give_the_uninterrupted_adapter(tiny_model_dir, small_train_dir, tmp_path):
-    import random
-
-    common = {"train.max_steps": 9, "checkpoint.every_steps": 1, "checkpoint.total_limit": 2,
-              "data.cache_latents": "none"}
+def run_to_end(recipe: str, args: list[str]) -> None:
+    """A subprocess like the killed ones: the same thread count, so the same floating point."""
     import subprocess
     import sys
 
-    def run_to_end(args):  # a subprocess like the killed ones: the same thread count, so the same floating point
-        cmd = [sys.executable, "-m", "ldm_finetune.train", str(LORA_YAML), *args]
-        assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    cmd = [sys.executable, "-m", "ldm_finetune.train", str(RECIPES / recipe), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
-    run_to_end([str(a) for a in lora_overrides(tiny_model_dir, small_train_dir, tmp_path / "straight", **common)])
+
+TI_CONCEPT = ("[{token: <dry-slice>, initializer: dry, select: {state: dry}, num_images: 9, "
+              "caption: 'A {token} of a carbon composite material'}]")
+PIXEL = {"data.resolution": 32, "train.batch_size": 4, "train.mixed_precision": "no", "logging.report_to": "none",
+         "model.base_channels": 16, "model.channel_mult": "[1,2]", "model.norm_num_groups": 8,
+         "model.layers_per_block": 1, "model.attention_resolutions": "[16]", "validation.steps": 3,
+         "validation.images_per_class": 1, "data.num_workers": 0, "train.lr_warmup_steps": 1, "ema.decay": 0.9}
+
+
+@pytest.mark.parametrize("recipe, result", [("lora.yaml", "pytorch_lora_weights.safetensors"),
+                                            ("textual_inversion.yaml", "learned_embeds.safetensors"),
+                                            ("ddpm_pixel.yaml", "model/unet/diffusion_pytorch_model.safetensors")])
+def test_three_sigkills_and_resumes_give_the_uninterrupted_result(tiny_model_dir, small_train_dir, tmp_path,
+                                                                  recipe, result):
+    import random
+
+    common = {"train.max_steps": 9, "checkpoint.every_steps": 1, "checkpoint.total_limit": 2}
+
+    def args(out, **extra):
+        if recipe == "ddpm_pixel.yaml":
+            settings = {**PIXEL, **common, "data.train_dir": small_train_dir, "output_dir": out, **extra}
+            return [f"{k}={v}" for k, v in settings.items()]
+        concepts = {"data.concepts": TI_CONCEPT} if recipe == "textual_inversion.yaml" else {}
+        # latents encoded every step: with lora.yaml's shipped in-memory latent cache, three kills did not give the
+        # same bits in this session (an open finding; one in-process resume does)
+        concepts["data.cache_latents"] = "none"
+        return [str(a) for a in lora_overrides(tiny_model_dir, small_train_dir, out, **common, **concepts, **extra)]
+
+    run_to_end(recipe, args(tmp_path / "straight"))
     out = tmp_path / "killed"
-    args = [str(a) for a in lora_overrides(tiny_model_dir, small_train_dir, out, **common,
-                                           **{"checkpoint.resume": "latest"})]
+    resume = args(out, **{"checkpoint.resume": "latest"})
     kills = sorted(random.Random(0).sample(range(2, 9), 3))
-    killed = [run_until_killed(args, RunLayout(out).metrics, step) for step in kills]
+    killed = [run_until_killed(recipe, resume, RunLayout(out).metrics, step) for step in kills]
     assert sum(killed) >= 2, killed  # the runs really died mid-way (a fast machine may finish one first)
-    run_to_end(args)  # the last resume runs to the end
-    straight = load_file(RunLayout(tmp_path / "straight").lora)
-    resumed = load_file(RunLayout(out).lora)
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    run_to_end(recipe, resume)  # the last resume runs to the end
+    straight, resumed = load_file(tmp_path / "straight" / result), load_file(out / result)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     steps = [json.loads(x)["step"] for x in RunLayout(out).metrics.read_text().splitlines()]
     assert steps == list(range(1, 10))  # every step logged once, despite the replays
 
