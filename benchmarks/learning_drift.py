@@ -77,7 +77,7 @@ def distance(a: np.ndarray, b: np.ndarray) -> float:
     return (d["grey_w1"] + d["spectrum"]) / 2
 
 
-def load(base: Path, run: Path | None, recipe: str):
+def load(base: Path, run: Path | None = None):
     """The base pipeline with a run's result applied (LoRA, embeddings, or the full fine-tune's pipeline)."""
     if run is not None and (run / "pipeline").is_dir():
         pipe = StableDiffusionPipeline.from_pretrained(run / "pipeline")
@@ -134,7 +134,7 @@ def main() -> None:
                  show_progress=False)
         data = work / "data"
         floor = distance(grey_set(data / "train", "dry/thickness"), grey_set(data / "validation", "dry/thickness"))
-        base_pipe = load(base, None, "")
+        base_pipe = load(base)
         all_trained = {p: c for _, _, t in RECIPES.values() for p, c in t.items()}
         before, base_world = measure(base_pipe, probe, {p: c for p, c in all_trained.items() if "<" not in p}, data,
                                      None, args.seeds)
@@ -152,7 +152,7 @@ def main() -> None:
             entry = {"overrides": {k: v for k, v in overrides.items()}, "exit": code,
                      "train_seconds": round(time.time() - started, 1)}
             if code == 0:
-                after, _ = measure(load(base, run, name), probe, trained, data, base_world, args.seeds)
+                after, _ = measure(load(base, run), probe, trained, data, base_world, args.seeds)
                 for prompt in trained:
                     b = before["learned"].get(prompt)
                     if b is not None:

@@ -61,8 +61,9 @@ def _fit(cfg, task: Task, layout: RunLayout, accelerator, resume_from: Path | No
                                              collate_fn=collate, num_workers=cfg.data.num_workers,
                                              generator=torch.Generator().manual_seed(cfg.seed))
     per_epoch, max_steps = resolve_steps(cfg, math.ceil(len(dataloader) / accelerator.num_processes))
-    if cfg.checkpoint.resume is not None and finished_at(layout) >= max_steps:
-        accelerator.print(f"{layout.root} finished at step {finished_at(layout)} (train.max_steps={max_steps}): "
+    finished = finished_at(layout)
+    if cfg.checkpoint.resume is not None and finished >= max_steps:
+        accelerator.print(f"{layout.root} finished at step {finished} (train.max_steps={max_steps}): "
                           "nothing to do; raise train.max_steps to train longer")
         return layout.root
     if accelerator.is_main_process:

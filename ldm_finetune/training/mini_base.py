@@ -304,13 +304,19 @@ def mini_base_cached(settings: MiniBaseSettings | None = None) -> Path:
     lock) get the same folder."""
     settings = settings or MiniBaseSettings()
     folder = cache_root() / "mini-base" / build_key(settings)
+    return _made_once(folder, lambda: build_mini_base(settings, folder))
+
+
+def _made_once(folder: Path, make) -> Path:
+    """`make()` writes `folder` (atomically) unless it is there; the lock makes a second process wait for the first
+    and then find the folder made."""
     if (folder / "mini_base.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds the folder built
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "mini_base.json").is_file():
-            build_mini_base(settings, folder)
+            make()
     return folder
 
 
@@ -369,14 +375,7 @@ def shipped_mini_base() -> Path:
     """The shipped mini base, unpacked once per machine into the cache (keyed by the packed weights' hash)."""
     digest = hashlib.sha256((SHIPPED / PACKED_WEIGHTS).read_bytes()).hexdigest()[:16]
     folder = cache_root() / "mini-base" / f"shipped-{digest}"
-    if (folder / "mini_base.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (folder / "mini_base.json").is_file():
-            unpack_mini_base(SHIPPED, folder)
-    return folder
+    return _made_once(folder, lambda: unpack_mini_base(SHIPPED, folder))
 
 
 def load_probe(folder: Path) -> WorldProbe:
