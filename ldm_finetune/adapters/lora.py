@@ -44,7 +44,8 @@ class LoraAdapter(Adapter):
     def usage_lines(self, base: str, prompt: str) -> list[str]:
         return ["from diffusers import StableDiffusionPipeline", "",
                 f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
-                'pipe.load_lora_weights("path/to/this/folder")', f'image = pipe("{prompt}").images[0]']
+                'pipe.load_lora_weights("path/to/this/folder", weight_name="pytorch_lora_weights.safetensors")',
+                f'image = pipe("{prompt}").images[0]']
 
     def card_rows(self) -> dict[str, str]:
         lora = self.cfg.lora

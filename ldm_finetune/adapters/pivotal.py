@@ -80,7 +80,8 @@ class PivotalAdapter(TextualInversionAdapter):
         return ["from diffusers import StableDiffusionPipeline", "",
                 f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
                 'pipe.load_textual_inversion("path/to/this/folder/embeddings/NAME.safetensors")  # each token',
-                'pipe.load_lora_weights("path/to/this/folder")', f'image = pipe("{prompt}").images[0]']
+                'pipe.load_lora_weights("path/to/this/folder", weight_name="pytorch_lora_weights.safetensors")',
+                f'image = pipe("{prompt}").images[0]']
 
     def sharing_note(self) -> str | None:
         return ("For A1111 / ComfyUI: `ldm-finetune export path/to/this/folder --format kohya --out "

@@ -156,6 +156,26 @@ def lora_modules(weights: dict[str, torch.Tensor]) -> list[tuple[str, str, int]]
     return found
 
 
+def _find_module(model, name: str, text_encoder: bool):
+    """The module a LoRA key names, dotted (diffusers) or underscored (kohya). Text-encoder names carry CLIP's
+    historical text_model.* prefix, which transformers 5 dropped from CLIPTextModel: try the name with and without."""
+    underscored = "." not in name
+    prefix = "text_model_" if underscored else "text_model."
+    candidates = [name, name.removeprefix(prefix)] if text_encoder else [name]
+    index = _module_index(model) if underscored else None
+    for candidate in candidates:
+        if underscored:
+            module = index.get(candidate, (None, None))[1]
+        else:
+            try:
+                module = model.get_submodule(candidate)
+            except AttributeError:
+                module = None
+        if module is not None:
+            return module
+    return None
+
+
 def check_lora_fits(weights: dict[str, torch.Tensor], pipe, source: str) -> None:
     """Raise UserError unless every module the LoRA adapts exists in `pipe` with the same input width."""
     modules = lora_modules(weights)
@@ -167,16 +187,7 @@ def check_lora_fits(weights: dict[str, torch.Tensor], pipe, source: str) -> None
         if model is None:
             missing.append(f"{component}.{name}")
             continue
-        if "." in name:
-            name = name.removeprefix("text_model.") if component == "text_encoder" else name
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                module = None
-        else:  # kohya's underscored names
-            index = _module_index(model)
-            key = name.removeprefix("text_model_") if component == "text_encoder" else name
-            module = index.get(key, (None, None))[1]
+        module = _find_module(model, name, component == "text_encoder")
         if module is None:
             missing.append(f"{component}.{name}")
         elif _in_features(module) not in (None, width):
