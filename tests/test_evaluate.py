@@ -165,3 +165,64 @@ def test_config_bad_models(prep_dataset, tmp_path, tiny_model_dir, run_cli):
     config = eval_config(tmp_path, prep_dataset, [{"name": "x", "kind": "pixel"}])
     code, _, err = run_cli("evaluate", config, "--out", tmp_path / "c")
     assert code == 2 and "kind pixel needs model" in err
+
+
+# --- the report in a real browser ----------------------------------------------------------------------------------
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,4000"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven through its matching chromedriver (nothing downloads a browser)."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("headless Chromium is not installed here (apt-get install chromium chromium-driver; .ci/run "
+                    "installs both)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-test.txt)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
+    yield driver
+    driver.quit()
+
+
+def open_page(driver, page: Path) -> tuple[list, list]:
+    """(images that did not load, console errors) after loading `page`."""
+    driver.get(page.resolve().as_uri())
+    images = driver.execute_script(
+        "return Array.from(document.images).map(i => [i.complete && i.naturalWidth > 0, i.alt || i.src.slice(0, 60)])")
+    assert images, "the page shows no images at all"
+    broken = [name for ok, name in images if not ok]
+    errors = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    return broken, errors
+
+
+def test_the_report_in_a_real_browser(report, browser):
+    out, _ = report
+    broken, errors = open_page(browser, out / "report.html")
+    assert not broken and not errors, (broken[:3], errors[:3])
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    browser.save_screenshot(str(shot))
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape[1] >= 1000 and pixels.std() > 5  # a rendered page, not a blank one
+    print(f"\nscreenshot of the report: {shot}")
+
+
+def test_the_browser_check_sees_a_broken_image_and_a_script_error(report, browser, tmp_path):
+    out, _ = report
+    page = (out / "report.html").read_text()
+    bad = tmp_path / "report.html"
+    bad.write_text(page.replace("</body>", '<img alt="broken" src="data:image/png;base64,AAAA">'
+                                          "<script>undefinedFunction()</script></body>"))
+    broken, errors = open_page(browser, bad)
+    assert broken == ["broken"] and any("undefinedFunction" in e for e in errors)

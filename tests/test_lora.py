@@ -146,7 +146,7 @@ def test_a_lora_for_another_model_is_an_error_not_a_silent_no_op(random_lora, ti
     # right names, wrong widths (as with an SD 1.x LoRA, 768-wide cross-attention, on SD 2.x, 1024)
     key = next(k for k in weights if k.endswith("attn2.to_k.lora_A.weight"))
     wide = dict(weights, **{key: torch.zeros(4, 48)})
-    with pytest.raises(UserError, match=r"wrong width .*attn2.to_k \(LoRA input 48, model 32\)"):
+    with pytest.raises(UserError, match=r"wrong shape .*attn2.to_k \(LoRA input 48, model 32\)"):
         check_lora_fits(wide, build_pipeline("tiny"), "wide")
     with pytest.raises(UserError, match="no LoRA weights found"):
         check_lora_fits({"foo": torch.zeros(1)}, build_pipeline("tiny"), "empty")

@@ -7,6 +7,7 @@ also on one line. Internal invariants use `assert` instead.
 
 from __future__ import annotations
 
+import errno
 import sys
 
 
@@ -28,6 +29,13 @@ def run_guarded(func, *args) -> int:
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # atomic writes leave the previous file in place, so rerunning after freeing space loses nothing
+        print(f"error: {exc.filename or 'output'}: {exc.strerror}; free some space and rerun (a training run "
+              "continues from its last checkpoint with checkpoint.resume=latest)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

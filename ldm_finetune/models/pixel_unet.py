@@ -99,12 +99,30 @@ class PixelModel:
 
 
 def save_pixel_model(folder: Path, unet, noise_scheduler, classes: list[str], info: dict) -> Path:
-    """A diffusers DDPMPipeline folder (safetensors) plus classes.json; written atomically."""
+    """A diffusers DDPMPipeline folder (safetensors) plus classes.json and a model card; written atomically."""
 
     with atomic_dir(folder, overwrite=True) as tmp:
         DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp, safe_serialization=True)
         (tmp / CLASSES_FILE).write_text(json.dumps({"classes": classes, **info}, indent=2))
+        (tmp / "README.md").write_text(pixel_model_card(unet, classes, info))
     return folder
+
+
+def pixel_model_card(unet, classes: list[str], info: dict) -> str:
+    """How to sample the saved model: the class list matters, since plain DDPMPipeline cannot pass a label."""
+    conditional = bool(classes)
+    lines = ["---", "library_name: diffusers", "tags: [ddpm, unconditional-image-generation, ldm_finetune, "
+             "x-ray-tomography]", "---", "",
+             f"# Pixel DDPM ({info.get('resolution')} px, {info.get('global_step')} steps)", "",
+             f"A {'class-conditional' if conditional else 'unconditional'} UNet2DModel trained from scratch with "
+             f"ldm_finetune on X-ray tomography slices; {sum(p.numel() for p in unet.parameters()):,} parameters.", ""]
+    if conditional:
+        lines += ["Classes (label = index): " + ", ".join(f"`{i}` {c}" for i, c in enumerate(classes)), "",
+                  "Sample a class with `ldm-finetune sample --model THIS_FOLDER --class NAME`. Plain "
+                  "`DDPMPipeline(...)()` cannot pass the label the UNet needs at every step.", ""]
+    else:
+        lines += ["`DDPMPipeline.from_pretrained(THIS_FOLDER)()` samples it.", ""]
+    return "\n".join(lines)
 
 
 def load_pixel_model(folder: str | Path) -> PixelModel:

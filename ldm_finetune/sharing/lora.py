@@ -141,19 +141,57 @@ def _in_features(module) -> int | None:
     return None
 
 
-def lora_modules(weights: dict[str, torch.Tensor]) -> list[tuple[str, str, int]]:
-    """(component, module name as written, in-features of its down matrix) for every adapted module."""
+_UP_OF_DOWN = (("lora_A.weight", "lora_B.weight"), ("lora.down.weight", "lora.up.weight"),
+               ("lora_linear_layer.down.weight", "lora_linear_layer.up.weight"), ("lora_down.weight", "lora_up.weight"))
+
+
+def _up_matrix(weights: dict[str, torch.Tensor], down_key: str) -> torch.Tensor | None:
+    for down, up in _UP_OF_DOWN:
+        if down_key.endswith(down):
+            return weights.get(down_key[: -len(down)] + up)
+    return None
+
+
+def lora_modules(weights: dict[str, torch.Tensor]) -> list[tuple[str, str, torch.Tensor, torch.Tensor | None]]:
+    """(component, module name as written, down matrix, up matrix or None) for every adapted module."""
     found = []
     for key, value in weights.items():
         match = _DIFFUSERS_KEY.match(key)
         if match:
-            found.append((match.group(1), match.group(2), value.shape[1]))
+            found.append((match.group(1), match.group(2), value, _up_matrix(weights, key)))
             continue
         match = _KOHYA_KEY.match(key)
         if match:
             component = "unet" if match.group(1) == "lora_unet_" else "text_encoder"
-            found.append((component, match.group(2), value.shape[1]))
+            found.append((component, match.group(2), value, _up_matrix(weights, key)))
     return found
+
+
+def _out_features(module) -> int | None:
+    base = getattr(module, "base_layer", module)
+    if isinstance(base, torch.nn.Linear):
+        return base.out_features
+    if isinstance(base, torch.nn.Conv2d):
+        return base.out_channels
+    return None
+
+
+def _damage(down: torch.Tensor, up: torch.Tensor | None) -> str | None:
+    """What makes a module's pair of matrices unusable on any model, or None."""
+    if up is None:
+        return "no up matrix for its down matrix"
+    if up.shape[1] != down.shape[0]:
+        return f"down matrix rank {down.shape[0]}, up matrix rank {up.shape[1]}"
+    return None
+
+
+def _mismatch(module, down: torch.Tensor, up: torch.Tensor) -> str | None:
+    """How a sound pair of matrices fails to fit this model's module, or None."""
+    if _in_features(module) not in (None, down.shape[1]):
+        return f"LoRA input {down.shape[1]}, model {_in_features(module)}"
+    if _out_features(module) not in (None, up.shape[0]):
+        return f"LoRA output {up.shape[0]}, model {_out_features(module)}"
+    return None
 
 
 def _find_module(model, name: str, text_encoder: bool):
@@ -177,28 +215,29 @@ def _find_module(model, name: str, text_encoder: bool):
 
 
 def check_lora_fits(weights: dict[str, torch.Tensor], pipe, source: str) -> None:
-    """Raise UserError unless every module the LoRA adapts exists in `pipe` with the same input width."""
+    """Raise UserError unless every module the LoRA adapts exists in `pipe` with the widths its matrices have."""
     modules = lora_modules(weights)
     if not modules:
         raise UserError(f"{source}: no LoRA weights found (expected unet.*.lora_A.weight or lora_unet_* keys)")
     missing, mismatched = [], []
-    for component, name, width in modules:
+    for component, name, down, up in modules:
+        damage = _damage(down, up)
+        if damage:
+            raise UserError(f"{source}: {component}.{name}: {damage}; the file is damaged or in a layout this "
+                            "tool does not read: export it again")
         model = getattr(pipe, component, None)
-        if model is None:
-            missing.append(f"{component}.{name}")
-            continue
-        module = _find_module(model, name, component == "text_encoder")
+        module = None if model is None else _find_module(model, name, component == "text_encoder")
         if module is None:
             missing.append(f"{component}.{name}")
-        elif _in_features(module) not in (None, width):
-            mismatched.append(f"{component}.{name} (LoRA input {width}, model {_in_features(module)})")
+        elif _mismatch(module, down, up):
+            mismatched.append(f"{component}.{name} ({_mismatch(module, down, up)})")
     hint = ("; it was probably trained for another base model (SD 1.x vs 2.x vs SDXL): "
             "use the base model named in its metadata")
     if missing:
         raise UserError(f"{source}: {len(missing)} of {len(modules)} LoRA modules do not exist in this model "
                         f"(first: {missing[0]}){hint}")
     if mismatched:
-        raise UserError(f"{source}: {len(mismatched)} of {len(modules)} LoRA modules have the wrong width "
+        raise UserError(f"{source}: {len(mismatched)} of {len(modules)} LoRA modules have the wrong shape "
                         f"(first: {mismatched[0]}){hint}")
 
 

@@ -55,10 +55,16 @@ def save_checkpoint(accelerator, folder: Path, step: int, extra: dict, total_lim
         shutil.rmtree(tmp, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, **extra}, indent=2))
+    except OSError as exc:  # e.g. the disk filled up: drop the partial folder, keep every complete checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{tmp.parent}: cannot write checkpoint-{step} ({exc.strerror or exc}); the earlier "
+                        "checkpoints are intact: free space, then rerun with checkpoint.resume=latest") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, **extra}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         if total_limit:

@@ -39,6 +39,7 @@ def fit(cfg, task: Task) -> Path:
     cfg.train.mixed_precision = resolve_precision(cfg.train.mixed_precision)  # config.yaml records what ran
     check_environment(cfg)
     task.check()  # bad data fails here, before any model loads
+    check_batch(cfg, task.num_examples())
     layout = RunLayout(cfg.output_dir)
     resume_from = resolve_resume(cfg.checkpoint.resume, layout.checkpoints)
 
@@ -179,6 +180,19 @@ def make_optimizer(cfg, groups: list[dict]):
         optimizer_class = torch.optim.AdamW
     return optimizer_class(groups, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_epsilon,
                            weight_decay=cfg.train.weight_decay)
+
+
+def check_batch(cfg, examples: int | None) -> None:
+    """An optimizer step must be able to see its full effective batch within one epoch; otherwise every epoch ends
+    in a short accumulation and the batch the recipe asks for never happens."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    need = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * processes
+    if examples is None or need <= examples:
+        return
+    shown = f"train.batch_size={cfg.train.batch_size} x train.gradient_accumulation_steps=" \
+            f"{cfg.train.gradient_accumulation_steps}" + (f" x {processes} processes" if processes > 1 else "")
+    raise UserError(f"{shown} = {need} images per optimizer step, but {cfg.data.train_dir} gives {examples} per "
+                    f"epoch (data.repeats={cfg.data.repeats}): lower the batch or accumulation, or raise data.repeats")
 
 
 def resolve_steps(cfg, batches_per_epoch: int) -> tuple[int, int]:

@@ -43,6 +43,9 @@ class PixelDDPMTask(Task):
         if self.cfg.model.class_conditional:
             self.classes = training_classes(self.records, self.cfg.data.class_columns)
 
+    def num_examples(self) -> int:
+        return len(self.records) * self.cfg.data.repeats
+
     def build(self, accelerator) -> torch.utils.data.Dataset:
         cfg = self.cfg
         self.accelerator = accelerator

@@ -64,6 +64,9 @@ class StableDiffusionTask(Task):
     def check(self) -> None:
         self.records = training_records(self.cfg, self.adapter.expand_token)
 
+    def num_examples(self) -> int:
+        return len(self.records) * self.cfg.data.repeats
+
     def build(self, accelerator) -> torch.utils.data.Dataset:
         cfg = self.cfg
         self.accelerator = accelerator

@@ -20,6 +20,10 @@ class Task:
     def check(self) -> None:
         """Read and check the training data (fails fast, before any model loads)."""
 
+    def num_examples(self) -> int | None:
+        """Training examples per epoch once check() has run (None: not counted up front)."""
+        return None
+
     def build(self, accelerator) -> torch.utils.data.Dataset:
         raise NotImplementedError
 
