@@ -11,9 +11,9 @@ DEMO_OUT ?= demo_out
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.txt requirements-test.txt
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.txt requirements-test.txt requirements-lock.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements-test.txt -e .
+	$(BIN)/python -m pip install --quiet -r requirements-test.txt -c requirements-lock.txt -e .
 	touch $@
 
 install: $(VENV)/.installed

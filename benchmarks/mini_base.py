@@ -26,8 +26,8 @@ from PIL import Image
 from data_prep.config import PrepConfig, VolumeSpec
 from data_prep.phantom import STATES, write_phantoms
 from data_prep.prep import run_prep
-from ldm_finetune.training.mini_base import MiniBaseSettings, VaeTask, build_mini_base, phase_config
 from ldm_finetune.training.fit import fit
+from ldm_finetune.training.mini_base import MiniBaseSettings, VaeTask, build_mini_base, phase_config
 
 RESULTS = Path(__file__).parent / "results"
 

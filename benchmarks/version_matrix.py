@@ -66,7 +66,7 @@ def run(cmd: list[str], log, **kw) -> int:
 
 def installed_versions(python: Path) -> dict[str, str]:
     out = subprocess.run([str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True)
-    found = {p["name"].lower(): p["version"] for p in json.loads(out.stdout or "[]")}
+    found = {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(out.stdout or "[]")}
     return {name: found.get(name, "-") for name in REPORTED}
 
 

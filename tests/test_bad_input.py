@@ -19,6 +19,7 @@ from ldm_finetune.training.config import LoraConfig
 from tests.conftest import lora_overrides
 from tests.test_faults import copy_dataset, one_line_error, run_train
 
+
 def error_after_progress(capsys) -> str:
     """The one error line of a run that failed mid-training (the progress bar shares stderr and ends its line)."""
     err = capsys.readouterr().err

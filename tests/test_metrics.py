@@ -138,3 +138,15 @@ def test_a_shifted_copy_is_found_by_ncc_not_by_l2():
 
 def test_metrics_are_deterministic():
     assert M.pyramid_swd(REAL, OTHER, seed=3) == M.pyramid_swd(REAL, OTHER, seed=3)
+
+
+def test_ssim_and_glcm_are_scikit_images():
+    """Reference values from scikit-image 0.26.0 on the same inputs (structural_similarity with gaussian_weights,
+    sigma 1.5, population covariance, data_range 1; graycomatrix at distance 1, angles 0 and pi/2, symmetric, normed,
+    32 levels + graycoprops)."""
+    a = np.linspace(0, 1, 48 * 40).reshape(48, 40)
+    assert M.ssim(a, np.sqrt(a)) == pytest.approx(0.8587295199558417, abs=1e-12)
+    rng = np.random.default_rng(1)
+    img = np.clip(np.cumsum(rng.random((40, 48)), axis=1) / 30 % 1.0, 0, 1)
+    expected = [0.537234, 0.73266, 0.117711, 0.995093, 4.551282, 0.45304, 0.082309, 0.959986]
+    np.testing.assert_allclose(M.glcm_features(img[None], levels=32)[0], expected, atol=2e-6)

@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file, save_file
 
 from ldm_finetune.core.io import atomic_path
@@ -52,13 +53,9 @@ def load_or_encode_latents(path: Path | None, encode) -> torch.Tensor:
 
 
 def sample_latents(moments: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """A latent drawn from cached (mean, logvar) moments, scaled like SD's training latents: (B, 4, h, w)."""
-    mean, logvar = torch.chunk(moments, 2, dim=1)
-    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # the clamp diffusers' posterior applies
-    # randn of the shape, not randn_like: the chunk is a strided view, and randn_like would lay the same draws out
-    # in another order than diffusers' posterior sampling does
-    sample = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
-    return (mean + std * sample) * scaling_factor
+    """A latent drawn from cached (mean, logvar) moments - diffusers' own posterior, as vae.encode() returns it -
+    scaled like SD's training latents: (B, 4, h, w)."""
+    return DiagonalGaussianDistribution(moments).sample() * scaling_factor
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

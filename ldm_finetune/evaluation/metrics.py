@@ -108,10 +108,11 @@ def two_point_per_image(labels: np.ndarray, phase: int, axis: int, max_lag: int)
 
 
 def glcm_features(images: np.ndarray, levels: int = 32) -> np.ndarray:
-    """(N, 8): contrast, homogeneity, energy, correlation of the grey-level co-occurrence matrix at distance 1,
-    horizontally then vertically."""
+    """(N, 8): contrast, homogeneity, energy, correlation of the symmetric, normalised grey-level co-occurrence
+    matrix P at distance 1, horizontally then vertically, as scikit-image's graycoprops defines them: contrast
+    sum P (i-j)^2, homogeneity sum P / (1 + (i-j)^2), energy sqrt(sum P^2), correlation (Haralick)."""
     i, j = np.meshgrid(np.arange(levels), np.arange(levels), indexing="ij")
-    weights = np.stack([(i - j) ** 2, 1.0 / (1.0 + np.abs(i - j))]).reshape(2, -1)
+    weights = np.stack([(i - j) ** 2, 1.0 / (1.0 + (i - j) ** 2)]).reshape(2, -1)
     out = np.empty((len(images), 8))
     for k, img in enumerate(images):
         q = np.clip((img * levels).astype(np.int32), 0, levels - 1)
@@ -122,7 +123,8 @@ def glcm_features(images: np.ndarray, levels: int = 32) -> np.ndarray:
             mu = (i * m).sum()
             var = ((i - mu) ** 2 * m).sum()
             contrast, homogeneity = weights @ m.ravel()
-            feats += [contrast, homogeneity, (m**2).sum(), ((i - mu) * (j - mu) * m).sum() / var if var > 0 else 1.0]
+            energy = np.sqrt((m**2).sum())
+            feats += [contrast, homogeneity, energy, ((i - mu) * (j - mu) * m).sum() / var if var > 0 else 1.0]
         out[k] = feats
     return out
 
@@ -252,13 +254,17 @@ def confusion(truth: list[str], predicted: list[str], classes: list[str]) -> lis
 
 
 def ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
-    """Mean SSIM (Wang et al. 2004) of two grey images in [0, 1], Gaussian window."""
+    """Mean SSIM (Wang et al. 2004) of two grey images in [0, 1]: Gaussian window (sigma 1.5, cut at 3.5 sigma, so
+    11 x 11), population covariances, mean over the pixels whose window lies inside the image - the settings of the
+    paper's reference code, and the value scikit-image's structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1) returns (tests/test_metrics.py pins one pair)."""
     c1, c2 = 0.01**2, 0.03**2
-    blur = lambda x: ndimage.gaussian_filter(x.astype(np.float64), sigma)  # noqa: E731
+    blur = lambda x: ndimage.gaussian_filter(x.astype(np.float64), sigma, truncate=3.5)  # noqa: E731
     mu_a, mu_b = blur(a), blur(b)
     va, vb, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
-    return float(s.mean())
+    r = int(3.5 * sigma + 0.5)  # the window's radius: border pixels see the reflected padding, not the image
+    return float(s[r:-r, r:-r].mean())
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import torch
+from diffusers.training_utils import compute_snr
 
 
 def sample_noise(latents: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -32,20 +33,13 @@ def perturb_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator 
     return noise + gamma * torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
 
 
-def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
-    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return a / (1.0 - a)
-
-
-def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
-                    prediction_type: str) -> torch.Tensor:
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Per-sample MSE weights for min-SNR-gamma.
 
     The paper weights the x0-loss by min(SNR, gamma). An epsilon-MSE equals SNR x the x0-MSE, so its weight is
     min(SNR, gamma) / SNR; a v-MSE equals (SNR + 1) x the x0-MSE, so its weight is min(SNR, gamma) / (SNR + 1).
     """
-    s = snr(alphas_cumprod, timesteps)
+    s = compute_snr(noise_scheduler, timesteps).float()  # alpha_bar / (1 - alpha_bar), diffusers' own
     clamped = torch.clamp(s, max=gamma)
     if prediction_type == "epsilon":
         return clamped / s
@@ -71,6 +65,6 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: to
     per_sample = torch.nn.functional.mse_loss(model_pred.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
     if min_snr_gamma is not None:
-        per_sample = per_sample * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, min_snr_gamma,
+        per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma,
                                                   noise_scheduler.config.prediction_type)
     return per_sample

@@ -32,6 +32,7 @@ class ModelConfig:
     attention: Literal["sdpa", "xformers"] = "sdpa"  # PyTorch scaled-dot-product attention, or xformers (GPU)
     gradient_checkpointing: bool = False  # recompute activations in backward: ~30 % slower, far less memory
     compile: bool = False  # torch.compile the UNet
+    channels_last: bool = False  # UNet weights and inputs in NHWC memory order (faster bf16 convolutions on GPUs)
 
 
 @dataclass

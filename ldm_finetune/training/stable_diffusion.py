@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import cast_training_params
 
 from ldm_finetune.adapters.registry import make_adapter
 from ldm_finetune.core.layout import RunLayout
@@ -262,10 +263,9 @@ def prepare_models(cfg: RecipeConfig, components, adapter, weight_dtype, device)
     _move(components.vae, device, torch.float32 if weight_dtype == torch.float16 else weight_dtype)
     _move(components.text_encoder, device, weight_dtype)
     _move(components.unet, device, weight_dtype)
-    for model in (components.unet, components.text_encoder):
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # fp16 master weights would lose small updates
+    cast_training_params([components.unet, components.text_encoder])  # fp32 trained weights: fp16 would lose updates
+    if cfg.model.channels_last:  # convolutions then pick NHWC kernels; inputs follow the weights' layout
+        components.unet.to(memory_format=torch.channels_last)
     if cfg.model.attention == "xformers":
         components.unet.enable_xformers_memory_efficient_attention()
     if cfg.model.gradient_checkpointing:
