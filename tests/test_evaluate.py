@@ -226,3 +226,33 @@ def test_the_browser_check_sees_a_broken_image_and_a_script_error(report, browse
                                           "<script>undefinedFunction()</script></body>"))
     broken, errors = open_page(browser, bad)
     assert broken == ["broken"] and any("undefinedFunction" in e for e in errors)
+
+
+def test_a_smaller_model_is_scored_at_its_own_size(prep_dataset, tmp_path, run_cli):
+    """Real validation slices shrunk to half size stand in for a model that generates small images: scored at its
+    own size (real slices shrunk alike, floor recomputed there) they sit near the floor; upscaled to the real size
+    first (the old way) their spectrum and GLCM distances blow up."""
+    rows = rows_of(prep_dataset / "validation", "dry-compacted", "weft")[:16]
+    side = np.asarray(Image.open(prep_dataset / "validation" / rows[0]["file_name"])).shape[0]
+    small = tmp_path / "small" / "dry-compacted__weft"
+    small.mkdir(parents=True)
+    from ldm_finetune.evaluation.metrics import load_set, resize_set
+
+    shrunk = resize_set(load_set([prep_dataset / "validation" / r["file_name"] for r in rows], None), side // 2)
+    for i, img in enumerate(shrunk):  # shrunk the way the evaluation shrinks the real slices
+        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(small / f"{i:04d}.png")
+    results = {}
+    for name, extra in (("own", []), ("upscaled", ["--size", str(side)])):
+        code, _, err = run_cli("evaluate", "--real", prep_dataset, "--generated", small.parent, "--out",
+                               tmp_path / name, "--max-real", "40", "--bootstrap", "5", *extra)
+        assert code == 0, err
+        results[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    own = results["own"]["fidelity"]["dry-compacted/weft"]["models"]["small"]
+    assert own["size"] == side // 2 and results["own"]["settings"]["scored_at_own_size"] == {"small": side // 2}
+    upscaled = results["upscaled"]["fidelity"]["dry-compacted/weft"]
+    ratio_own = {k: own["values"][k] / own["floor"][k] for k in ("spectrum", "glcm")}
+    ratio_up = {k: upscaled["models"]["small"]["values"][k] / upscaled["floor"][k] for k in ("spectrum", "glcm")}
+    assert all(ratio_own[k] < 5 for k in ratio_own), ratio_own  # 16 images: a little above the floor
+    assert all(ratio_up[k] > 2 * ratio_own[k] for k in ratio_own), (ratio_own, ratio_up)
+    page = (tmp_path / "own" / "report.html").read_text()
+    assert f"floor at {side // 2} px" in page and f"small ({side // 2} px)" in page

@@ -36,7 +36,7 @@ from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path, slug, to_image
 from ldm_finetune.evaluation import metrics as M
 from ldm_finetune.evaluation.evaluate import evaluate_sets
-from ldm_finetune.evaluation.imagesets import load_generated, load_real
+from ldm_finetune.evaluation.imagesets import load_generated, load_real, resized
 from ldm_finetune.evaluation.metrics import load_set
 from ldm_finetune.evaluation.report import _png
 from ldm_finetune.evaluation.stats import compute_stats
@@ -213,7 +213,10 @@ def run_config(path: Path, out: Path) -> Path:
                             f"(it has {', '.join(real.known_classes())})")
     size = int(real.images.shape[1])
     folders = generate_missing(cfg, out, classes, size)
-    generated = {name: load_generated(folder, name, size) for name, folder in folders.items()}
+    # each set at its own size, shrunk to the real slices' size when larger; evaluate_sets scores smaller ones at
+    # their own size against real slices resized down to it
+    generated = {name: load_generated(folder, name, None) for name, folder in folders.items()}
+    generated = {name: resized(g, size) if g.images.shape[1] > size else g for name, g in generated.items()}
     extra = {"notes": _notes(cfg) + cfg.notes, "probes": {}, "skipped": []}
     extra["probes"] = probe_metrics(cfg, folders, real, size, extra["skipped"])
     evaluate_sets(cfg.real, generated, out, size, cfg.max_real, cfg.bootstrap, cfg.seed, cfg.copy_ncc, extra,

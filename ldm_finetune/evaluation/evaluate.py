@@ -19,7 +19,7 @@ import numpy as np
 
 from ldm_finetune.core.classes import split_class
 from ldm_finetune.evaluation import metrics as M
-from ldm_finetune.evaluation.imagesets import ImageSet, check_sizes, load_generated, load_real
+from ldm_finetune.evaluation.imagesets import ImageSet, check_sizes, load_generated, load_real, resized
 from ldm_finetune.evaluation.registry import set_distances
 from ldm_finetune.evaluation.report import write_report
 from ldm_finetune.evaluation.stats import Stats, parallel_stats
@@ -236,28 +236,58 @@ def evaluate_sets(real_root: Path, generated: dict[str, ImageSet], out: Path, si
     if real_train is None:  # the config form has loaded it already
         real_train = load_real(real_root, "train", size, max_real)
     real_val = _validation(real_root, size, max_real)
-    for gen in generated.values():
+    real_size = int(real_train.images.shape[1])
+    # a model that makes smaller images than the real slices is scored at its own size (below); memorisation and
+    # 3D consistency compare every set at the real size
+    native = {n: int(g.images.shape[1]) for n, g in generated.items() if g.images.shape[1] < real_size}
+    at_real = {n: resized(g, real_size) if n in native else g for n, g in generated.items()}
+    for gen in at_real.values():
         check_sizes(real_train, gen)
     thresholds = M.multi_otsu(real_train.images, 3)
     train, val = measure(real_train, thresholds), measure(real_val, thresholds)
-    measured = {name: measure(g, thresholds) for name, g in generated.items()}
+    measured = {name: measure(g, thresholds) for name, g in at_real.items()}
+    full_size = {n: m for n, m in measured.items() if n not in native}
     skipped: list = []
     results = {
-        "settings": {"real": str(real_root), "size": int(real_train.images.shape[1]), "bootstrap": rounds,
+        "settings": {"real": str(real_root), "size": real_size, "bootstrap": rounds,
                      "seed": seed, "copy_ncc": copy_ncc, "phase_thresholds": thresholds.tolist(),
                      "sets": {n: len(g) for n, g in generated.items()}, "n_real_train": len(real_train),
-                     "n_real_validation": len(real_val)},
-        "fidelity": fidelity(train, val, measured, rounds, seed, skipped),
-        "classifier": classifier(train, val, measured, skipped),
-        "memorisation": memorisation(_search_bank(real_root, real_train, max_real), real_val, generated, copy_ncc),
+                     "n_real_validation": len(real_val), "scored_at_own_size": native},
+        "fidelity": fidelity(train, val, full_size, rounds, seed, skipped),
+        "classifier": classifier(train, val, full_size, skipped),
+        "memorisation": memorisation(_search_bank(real_root, real_train, max_real), real_val, at_real, copy_ncc),
         "consistency": consistency(train, measured) if real_train.known_classes() else {},
     }
+    for side in sorted(set(native.values())):
+        _score_at_own_size(side, {n: generated[n] for n, s in native.items() if s == side}, real_train, real_val,
+                           results, rounds, seed, skipped)
     results.update(extra or {})
     results["skipped"] = skipped + (extra or {}).get("skipped", [])
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    write_report(out / "report.html", results, real_train, generated)
+    write_report(out / "report.html", results, real_train, at_real)
     return results
+
+
+def _score_at_own_size(side: int, generated: dict[str, ImageSet], real_train: ImageSet, real_val: ImageSet,
+                       results: dict, rounds: int, seed: int, skipped: list) -> None:
+    """Fidelity and concept accuracy of models that generate side x side images, against the real slices resized
+    down to that side, with the floor and the classifier's ceiling recomputed there. Upscaling the generated images
+    instead would add interpolation artefacts that the spectrum and GLCM distances punish. Each model's entry
+    carries its own "size", "floor" (fidelity) or "ceiling_accuracy" (classifier)."""
+    train_s, val_s = resized(real_train, side), resized(real_val, side)
+    thresholds = M.multi_otsu(train_s.images, 3)
+    train, val = measure(train_s, thresholds), measure(val_s, thresholds)
+    measured = {n: measure(g, thresholds) for n, g in generated.items()}
+    for cls, entry in fidelity(train, val, measured, rounds, seed, skipped).items():
+        target = results["fidelity"].setdefault(cls, {"n_real": entry["n_real"], "curves": {}, "models": {}})
+        for name, row in entry.get("models", {}).items():
+            target.setdefault("models", {})[name] = row | {"size": side, "floor": entry.get("floor", {})}
+            target.setdefault("curves", {})[f"{name} ({side} px)"] = entry["curves"][name]
+    clf = classifier(train, val, measured, skipped)
+    for name, row in clf.get("models", {}).items():
+        results["classifier"].setdefault("models", {})[name] = row | {
+            "size": side, "ceiling_accuracy": clf.get("ceiling_accuracy")}
 
 
 def _search_bank(real_root: Path, real_train: ImageSet, max_real) -> ImageSet:

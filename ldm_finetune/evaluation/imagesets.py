@@ -16,7 +16,7 @@ from ldm_finetune.core.classes import class_from_folder, row_class
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import IMAGE_SUFFIXES
 from ldm_finetune.data.records import read_records, select_records
-from ldm_finetune.evaluation.metrics import load_set
+from ldm_finetune.evaluation.metrics import load_set, resize_set
 
 
 @dataclass
@@ -101,6 +101,11 @@ def load_generated(folder: Path, name: str, size: int | None) -> ImageSet:
         paths = _image_files(folder)
         classes = [None] * len(paths)
     return ImageSet(name, _load(paths, size, f"generated images in {folder}"), classes, paths)
+
+
+def resized(images: ImageSet, side: int) -> ImageSet:
+    """The same set at side x side px."""
+    return ImageSet(images.name, resize_set(images.images, side), images.classes, images.paths)
 
 
 def check_sizes(real: ImageSet, generated: ImageSet) -> None:

@@ -71,6 +71,11 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _floor(entry: dict, model: str) -> dict:
+    """The floor a model's distances are divided by: its own (scored at its own size) or the class's."""
+    return entry["models"][model].get("floor") or entry.get("floor", {})
+
+
 def _summary(results: dict) -> str:
     fid = results.get("fidelity", {})
     models = sorted({m for entry in fid.values() for m in entry.get("models", {})})
@@ -83,25 +88,31 @@ def _summary(results: dict) -> str:
     for m in models:
         cells = []
         for d in DISTANCES:
-            ratios = [e["models"][m]["values"][d] / e["floor"][d] for e in fid.values()
-                      if m in e.get("models", {}) and e.get("floor", {}).get(d)]
+            ratios = [e["models"][m]["values"][d] / _floor(e, m)[d] for e in fid.values()
+                      if m in e.get("models", {}) and _floor(e, m).get(d)]
             value = np.mean(ratios) if ratios else None
             css = "" if value is None else ("good" if value < 2 else "bad" if value > 5 else "")
             cells.append(f'<td class="{css}">{"-" if value is None else f"{value:.2f}×"}</td>')
         acc = clf.get("models", {}).get(m, {}).get("accuracy")
-        ceiling = clf.get("ceiling_accuracy")
+        ceiling = clf.get("models", {}).get(m, {}).get("ceiling_accuracy", clf.get("ceiling_accuracy"))
         acc_text = "-" if acc is None else f"{acc:.0%}" + (f" (ceiling {ceiling:.0%})" if ceiling is not None else "")
         mm = mem.get("models", {}).get(m, {})
         innov = mm.get("innovation")
         val = mem.get("validation_innovation")
         innov_text = "-" if innov is None else f"{innov:.3f}" + (f" (validation {val:.3f})" if val else "")
         copies = mm.get("near_copy_rate")
-        rows.append(f"<tr><td>{html.escape(m)}</td>{''.join(cells)}<td>{acc_text}</td><td>{innov_text}</td>"
+        side = results.get("settings", {}).get("scored_at_own_size", {}).get(m)
+        label = html.escape(m) + (f" ({side} px)" if side else "")
+        rows.append(f"<tr><td>{label}</td>{''.join(cells)}<td>{acc_text}</td><td>{innov_text}</td>"
                     f"<td>{'-' if copies is None else f'{copies:.0%}'}</td></tr>")
     return ("<table>" + "".join(rows) + "</table><p>Distances are divided by the same distance between real training "
             "and validation slices (the floor): about 1× is as close as two real sets; green &lt; 2×, red &gt; 5×. "
             "Innovation is the mean RMS distance to the nearest training slice; validation slices (new by "
-            "construction) give the reference. Intervals are 95 % bootstrap intervals over the generated images; "
+            "construction) give the reference. A model marked (N px) makes smaller images than the real slices: it is "
+            "scored at its own size, against the real slices resized down to N px, with the floor and the "
+            "classifier's ceiling recomputed at N px (upscaling its images would add interpolation artefacts that "
+            "the spectrum and GLCM distances punish). Intervals are 95 % bootstrap intervals over the generated "
+            "images; "
             "for a distance near 0 they sit above the value (a resampled set is never closer than the set "
             "itself).</p>")
 
@@ -119,13 +130,18 @@ def _concept(name: str, entry: dict, real, generated: dict) -> str:
     if "floor" in entry:
         rows.append("<tr><td>floor: validation vs train</td>" + "".join(f"<td>{_fmt(entry['floor'].get(k))}</td>"
                                                                        for k in keys) + "</tr>")
+    for side in sorted({r["size"] for r in entry.get("models", {}).values() if "size" in r}):
+        floor = next(r["floor"] for r in entry["models"].values() if r.get("size") == side)
+        rows.append(f"<tr><td>floor at {side} px</td>" + "".join(f"<td>{_fmt(floor.get(k))}</td>" for k in keys)
+                    + "</tr>")
     for m, r in entry.get("models", {}).items():
         cells = []
         for k in keys:
             ci = r.get("ci", {}).get(k)
             cells.append(f"<td>{_fmt(r['values'][k])}" + (f"<br><small>[{ci[0]:.3g}, {ci[1]:.3g}]</small>" if ci
                                                           else "") + "</td>")
-        rows.append(f"<tr><td>{html.escape(m)} (n={r['n']})</td>{''.join(cells)}</tr>")
+        at = f", at {r['size']} px" if "size" in r else ""
+        rows.append(f"<tr><td>{html.escape(m)} (n={r['n']}{at})</td>{''.join(cells)}</tr>")
     parts.append("<table>" + "".join(rows) + "</table>")
     parts.append(_curves(entry.get("curves", {})))
     return "".join(parts)

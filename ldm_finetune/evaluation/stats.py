@@ -39,7 +39,8 @@ def compute_stats(images: np.ndarray, thresholds: np.ndarray, chunk: int = 32) -
     phases = len(thresholds) + 1
     hist = np.empty((len(images), M.GREY_BINS))
     fractions = np.empty((len(images), phases))
-    s2 = np.empty((len(images), 2, phases, S2_LAGS + 1))
+    lags = min(S2_LAGS, images.shape[-1] // 2)  # a periodic autocorrelation repeats past half the side
+    s2 = np.empty((len(images), 2, phases, lags + 1))
     for start in range(0, len(images), chunk):
         x = images[start:start + chunk]
         c = len(x)
@@ -53,7 +54,7 @@ def compute_stats(images: np.ndarray, thresholds: np.ndarray, chunk: int = 32) -
         for a, axis in enumerate((1, 2)):
             for p in range(phases):
                 if p in (0, phases - 1):  # darkest (voids) and brightest (yarns); the middle phase is implied
-                    s2[start:start + c, a, p] = M.two_point_per_image(labels, p, axis, S2_LAGS)
+                    s2[start:start + c, a, p] = M.two_point_per_image(labels, p, axis, lags)
                 else:
                     s2[start:start + c, a, p] = 0.0
     return Stats(hist, M.radial_spectrum(images), fractions, s2, M.glcm_features(images))
