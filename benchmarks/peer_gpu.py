@@ -4,7 +4,7 @@ targets, offset noise and learning-rate schedule.
     # GPU (SD 1.5 architecture, random weights, 512 px, bf16, batch 8, rank 16, 60 steps):
     python benchmarks/peer_gpu.py
     # CPU at tiny size (the tiny SD, 32 px, fp32, batch 4, rank 4):
-    python benchmarks/peer_gpu.py --size tiny --steps 40
+    python benchmarks/peer_gpu.py --size tiny --steps 60 --repeats 3
 
 The peer is ../shared/peers/diffusers_train_text_to_image_lora.py, run unmodified from there (it needs torchvision:
 run this script from an environment that has it, e.g. torch 2.14.1 + torchvision 0.29.1). Every run goes through
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ try:
         runpy.run_path(target, run_name="__main__")
     else:
         from ldm_finetune.train import main
-        code = main(sys.argv[1:])
+        code = main([target] + sys.argv[1:])
         assert code == 0, code
 finally:
     rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 2**20
@@ -85,10 +86,12 @@ def median_step(times: list[float], warmup: int) -> float:
 def example_times(logdir: Path) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = sorted(logdir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_size)[-1]
-    acc = EventAccumulator(str(events))
-    acc.Reload()
-    return [e.wall_time for e in sorted(acc.Scalars("train_loss"), key=lambda e: e.step)]
+    for events in sorted(logdir.rglob("events.out.tfevents.*")):  # the hparams file has no scalars
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if "train_loss" in acc.Tags()["scalars"]:
+            return [e.wall_time for e in sorted(acc.Scalars("train_loss"), key=lambda e: e.step)]
+    raise SystemExit(f"{logdir}: no train_loss events from the example")
 
 
 def our_times(out: Path) -> list[float]:
@@ -101,9 +104,10 @@ def prepare(work: Path, size: dict) -> tuple[Path, Path]:
     from data_prep.prep import run_prep
     from ldm_finetune.models.stable_diffusion import build_pipeline
 
-    volumes = write_phantoms(work / "volumes", (64, 128, 192), seed=0)
-    run_prep(PrepConfig(volumes=[VolumeSpec(s, volumes[s]) for s in STATES], out=work / "data",
-                        resolution=size["resolution"]), show_progress=False)
+    if not (work / "data" / "train" / "metadata.jsonl").is_file():
+        volumes = write_phantoms(work / "volumes", (64, 128, 192), seed=0)
+        run_prep(PrepConfig(volumes=[VolumeSpec(s, volumes[s]) for s in STATES], out=work / "data",
+                            resolution=size["resolution"]), show_progress=False)
     model = work / f"{size['preset']}_random"
     if not (model / "model_index.json").exists():
         build_pipeline(size["preset"]).save_pretrained(model)  # random weights: the speed does not depend on them
@@ -166,6 +170,7 @@ def main() -> None:
     parser.add_argument("--size", choices=list(SIZES), default="sd15")
     parser.add_argument("--steps", type=int, help="override the size's step count")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the median round is kept")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not an H100/H200/A100")
     args = parser.parse_args()
     import torch
@@ -179,19 +184,28 @@ def main() -> None:
     device = torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine()
     peak = peak_flops(device, args.peak_tflops) if on_gpu else None
     threads = torch.get_num_threads()
+    plan = runs(size, model, data, work, on_gpu)
+    rounds: dict[str, list[dict]] = {name: [] for name in plan}
+    for _ in range(args.repeats):  # interleaved, so drift of the machine hits every run alike
+        for name, (target, run_args, precision) in plan.items():
+            start = time.perf_counter()
+            memory = launch(work, target, run_args, precision, threads)
+            wall = time.perf_counter() - start
+            out_dir = work / "example" if target == str(PEER) else \
+                Path(next(a.split("=", 1)[1] for a in run_args if a.startswith("output_dir=")))
+            times = example_times(out_dir / "logs") if target == str(PEER) else our_times(out_dir)
+            rounds[name].append({"step": median_step(times, args.warmup), "wall": wall, **memory})
+            shutil.rmtree(out_dir, ignore_errors=True)  # the next round starts clean
+            print(name, f"{rounds[name][-1]['step'] * 1000:.1f} ms/step", flush=True)
     results = {}
-    for name, (target, run_args, precision) in runs(size, model, data, work, on_gpu).items():
-        start = time.perf_counter()
-        memory = launch(work, target, run_args, precision, threads)
-        wall = time.perf_counter() - start
-        out_dir = Path(next(a.split("=", 1)[1] for a in run_args if a.startswith("output_dir="))) \
-            if target != str(PEER) else work / "example"
-        times = example_times(out_dir / "logs") if target == str(PEER) else our_times(out_dir)
-        step = median_step(times, args.warmup)
+    for name, measured in rounds.items():
+        step = statistics.median(m["step"] for m in measured)
         results[name] = {"ms_per_step": round(step * 1000, 1), "images_per_s": round(size["batch"] / step, 1),
+                         "ms_per_step_each_round": [round(m["step"] * 1000, 1) for m in measured],
                          "mfu": round(flops / step / peak, 3) if peak and "full" not in name else None,
-                         "process_wall_s": round(wall, 1), **memory}
-        print(name, json.dumps(results[name]), flush=True)
+                         "process_wall_s": round(statistics.median(m["wall"] for m in measured), 1),
+                         "peak_rss_gib": max(m["peak_rss_gib"] for m in measured),
+                         "peak_gpu_gib": measured[0]["peak_gpu_gib"]}
     base = results["diffusers example"]["ms_per_step"]
     for row in results.values():
         row["speed_vs_example"] = round(base / row["ms_per_step"], 2)

@@ -51,6 +51,12 @@ def test_demo_runs_every_stage_and_writes_a_report(tmp_path):
     assert set(fidelity["dry-compacted/warp"]["models"]) == {"mini-base", "mini-textual-inversion", "ddpm-pixel",
                                                              "local-score"}
     assert "local-score" not in fidelity["dry/warp"]["models"]
+    # the pixel DDPM makes smaller images than the real slices: scored at its own size, against its own floor
+    assert fidelity["dry/thickness"]["models"]["ddpm-pixel"]["size"] == 16
+    # drift probes on world prompts carry the world probe's ground truth beside the weight-free scores
+    for model in ("mini-lora-dreambooth", "mini-textual-inversion"):
+        red_circle = metrics["probes"]["models"][model]["prompts"]["a red circle"]
+        assert 0 <= red_circle["world_probe_tuned"] <= 1 and 0 <= red_circle["world_probe_base"] <= 1
     assert json.loads((out / "demo.json").read_text())["status"] == "done"
 
 

@@ -47,14 +47,15 @@ def test_every_shipped_recipe_is_covered():
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, phantom_dir, tiny_model_dir):
-    """A user's project folder: data/slices/train from prep (every 4th warp / weft slice: a shorter CPU run)."""
+    """A user's project folder: data/slices/train from prep, every 16th thickness and 8th warp / weft slice (~180
+    images: every recipe's concepts are there, and caching them at 512 px stays short on a CPU)."""
     from data_prep.config import PrepConfig, VolumeSpec
     from data_prep.prep import run_prep
 
     folder = tmp_path_factory.mktemp("project")
     volumes = [VolumeSpec(p.stem, p) for p in sorted(phantom_dir.glob("*.tif"))]
-    run_prep(PrepConfig(volumes=volumes, out=folder / "data" / "slices", resolution=64,
-                        stride={"thickness": 1, "warp": 4, "weft": 4}))
+    run_prep(PrepConfig(volumes=volumes, out=folder / "data" / "slices", resolution=32,
+                        stride={"thickness": 16, "warp": 8, "weft": 8}), show_progress=False)
     shutil.copytree(ROOT / "recipes", folder / "recipes")
     return folder
 

@@ -34,6 +34,8 @@ from ldm_finetune.core.classes import class_folder, split_class
 from ldm_finetune.core.configtools import from_dict, load_yaml
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path, slug, to_image
+from ldm_finetune.data.world import SIZE as WORLD_SIZE
+from ldm_finetune.data.world import parse_prompt
 from ldm_finetune.evaluation import metrics as M
 from ldm_finetune.evaluation.evaluate import evaluate_sets
 from ldm_finetune.evaluation.imagesets import load_generated, load_real, resized
@@ -46,6 +48,7 @@ from ldm_finetune.models.denoisers import local_denoiser
 from ldm_finetune.models.diffusion import make_schedule, sample
 from ldm_finetune.models.pixel_unet import load_pixel_model
 from ldm_finetune.models.stable_diffusion import render
+from ldm_finetune.training.mini_base import load_probe
 
 DEFAULT_PROBES = ["horse on a beach", "two zebras", "a texture"]
 
@@ -256,6 +259,9 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
     real_desc = compute_stats(real.images, thresholds).descriptors()
     scale = M.Standardizer(real_desc)
     out = {"base": base.name, "models": {}}
+    # a mini base carries the probe that reads its world: the ground truth the weight-free scores are checked against
+    probe_file = Path(base.model) / "probe.safetensors"
+    world_probe = load_probe(Path(base.model)) if probe_file.is_file() else None
     for entry in sd:
         if entry is base:
             continue
@@ -273,6 +279,9 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
             rows[prompt] = {"ssim": float(np.mean([M.ssim(a, b) for a, b in zip(b_grey, f_grey)])),
                             "psnr": float(np.mean([min(M.psnr(a, b), 99.0) for a, b in zip(b_grey, f_grey)])),
                             "colourfulness_ratio": float(colour_f / colour_b) if colour_b > 0 else float("nan")}
+            if world_probe is not None and _is_world_prompt(prompt):
+                rows[prompt]["world_probe_base"] = _world_probe_ok(world_probe, b_rgb, prompt)
+                rows[prompt]["world_probe_tuned"] = _world_probe_ok(world_probe, f_rgb, prompt)
             grids[prompt] = " ".join(_png(x) for x in b_rgb) + "<br>" + " ".join(_png(x) for x in f_rgb)
         base_desc = scale(compute_stats(np.concatenate(all_base), thresholds).descriptors())
         ct = scale(real_desc)
@@ -283,6 +292,21 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
             rows[prompt]["ct_leakage"] = float((near_ct < near_base).mean())
         out["models"][entry.name] = {"prompts": rows, "grids": grids}
     return out
+
+
+def _is_world_prompt(prompt: str) -> bool:
+    try:
+        parse_prompt(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+def _world_probe_ok(probe, images: list[np.ndarray], prompt: str) -> float:
+    """Share of the images the world probe reads as the prompt asks (at the world's own size)."""
+    small = np.stack([np.asarray(Image.fromarray(np.round(x * 255).astype(np.uint8)).resize(
+        (WORLD_SIZE, WORLD_SIZE), Image.BILINEAR), dtype=np.float32) / 255 for x in images])
+    return float(np.mean([c["ok"] for c in probe.check(small, [prompt] * len(images))]))
 
 
 def _rgb(path: Path) -> np.ndarray:

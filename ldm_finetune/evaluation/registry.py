@@ -79,6 +79,12 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("ct_leakage", "CT-leakage", "probe", "lower", "share",
            "share of probe images closer to the CT set than to the base model's probes in descriptor space",
            fmt=".0%"),
+    Metric("world_probe_base", "world probe: base", "probe", "higher", "share",
+           "share of the base model's images for this prompt that the world probe (a classifier of the mini base's "
+           "procedural world) reads as what the prompt asks: shape or texture, colour, background", fmt=".0%"),
+    Metric("world_probe_tuned", "world probe: fine-tuned", "probe", "higher", "share",
+           "the same for the fine-tuned model: the ground truth of drift that the weight-free columns estimate "
+           "(world prompts on a mini base only)", fmt=".0%"),
 )}
 
 

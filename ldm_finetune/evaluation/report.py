@@ -226,7 +226,7 @@ def _probes(probes: dict) -> str:
                      + "".join(f"<th>{p.label}</th>" for p in probe) + "</tr>")
         for prompt, v in r["prompts"].items():
             parts.append(f"<tr><td>{html.escape(prompt)}</td>"
-                         + "".join(f"<td>{formatted(p.name, v[p.name])}</td>" for p in probe) + "</tr>")
+                         + "".join(f"<td>{formatted(p.name, v.get(p.name))}</td>" for p in probe) + "</tr>")
         parts.append("</table>")
         for prompt, images in r.get("grids", {}).items():
             parts.append(f'<div class="row"><span class="label">{html.escape(prompt)}<br>base / {html.escape(m)}'
