@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/ldm-finetune demo --out $(DEMO_OUT)
 
 test: install
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 --dist worksteal -q
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

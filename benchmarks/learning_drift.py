@@ -98,9 +98,10 @@ def render(pipe, prompts: list[str], seeds: int, size: int = 32) -> np.ndarray:
     return np.concatenate(out)  # (seeds * len(prompts), size, size, 3), prompt-major within each seed
 
 
-def measure(pipe, probe, trained: dict[str, str], data: Path, base_world: np.ndarray | None, seeds: int) -> dict:
-    prompts = world_prompts()
-    world = render(pipe, prompts, 1)
+def measure(pipe, probe, trained: dict[str, str], data: Path, base_world: np.ndarray | None, seeds: int,
+            world_seeds: int) -> dict:
+    prompts = world_prompts() * world_seeds  # render() is prompt-major within each seed
+    world = render(pipe, world_prompts(), world_seeds)
     checks = probe.check(world, prompts)
     texture = [c["ok"] for c, p in zip(checks, prompts) if any(t in p for t in TEXTURES)]
     out = {"world_probe_ok": float(np.mean([c["ok"] for c in checks])), "texture_probe_ok": float(np.mean(texture))}
@@ -121,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=8, help="generations per trained prompt")
+    parser.add_argument("--world-seeds", type=int, default=3, help="generations per world prompt (drift)")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--out", type=Path, default=RESULTS / "learning_drift_cpu.json")
     args = parser.parse_args()
@@ -137,8 +139,9 @@ def main() -> None:
         base_pipe = load(base)
         all_trained = {p: c for _, _, t in RECIPES.values() for p, c in t.items()}
         before, base_world = measure(base_pipe, probe, {p: c for p, c in all_trained.items() if "<" not in p}, data,
-                                     None, args.seeds)
-        record = {"steps": args.steps, "resolution": 32, "real_vs_real_floor": floor, "base": before, "recipes": {}}
+                                     None, args.seeds, args.world_seeds)
+        record = {"steps": args.steps, "resolution": 32, "world_seeds": args.world_seeds,
+                  "real_vs_real_floor": floor, "base": before, "recipes": {}}
         for name in args.recipes:
             yaml_name, overrides, trained = RECIPES[name]
             run = work / "runs" / name
@@ -152,7 +155,7 @@ def main() -> None:
             entry = {"overrides": {k: v for k, v in overrides.items()}, "exit": code,
                      "train_seconds": round(time.time() - started, 1)}
             if code == 0:
-                after, _ = measure(load(base, run), probe, trained, data, base_world, args.seeds)
+                after, _ = measure(load(base, run), probe, trained, data, base_world, args.seeds, args.world_seeds)
                 for prompt in trained:
                     b = before["learned"].get(prompt)
                     if b is not None:

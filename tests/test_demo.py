@@ -75,7 +75,9 @@ def test_an_interrupted_demo_folder_can_be_rerun(tmp_path, run_cli, monkeypatch)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("data_prep.prep.run_prep", interrupted)
+    import ldm_finetune.demo
+
+    monkeypatch.setattr(ldm_finetune.demo, "run_prep", interrupted)  # the name the demo calls
     for _ in range(2):
         code, stdout, err = run_cli("demo", "--out", out, *SMALLEST)
         assert code == 130 and "[1/8] phantom done" in stdout and "not a demo output" not in err
