@@ -132,12 +132,13 @@ def _module_index(model) -> dict[str, tuple[str, torch.nn.Module]]:
     return {name.replace(".", "_"): (name, module) for name, module in model.named_modules() if name}
 
 
-def _in_features(module) -> int | None:
+def _widths(module) -> tuple[int, int] | None:
+    """(input, output) width of a Linear / Conv2d, or None for other modules."""
     base = getattr(module, "base_layer", module)  # a module that already carries a peft adapter
     if isinstance(base, torch.nn.Linear):
-        return base.in_features
+        return base.in_features, base.out_features
     if isinstance(base, torch.nn.Conv2d):
-        return base.in_channels
+        return base.in_channels, base.out_channels
     return None
 
 
@@ -167,15 +168,6 @@ def lora_modules(weights: dict[str, torch.Tensor]) -> list[tuple[str, str, torch
     return found
 
 
-def _out_features(module) -> int | None:
-    base = getattr(module, "base_layer", module)
-    if isinstance(base, torch.nn.Linear):
-        return base.out_features
-    if isinstance(base, torch.nn.Conv2d):
-        return base.out_channels
-    return None
-
-
 def _damage(down: torch.Tensor, up: torch.Tensor | None) -> str | None:
     """What makes a module's pair of matrices unusable on any model, or None."""
     if up is None:
@@ -187,21 +179,23 @@ def _damage(down: torch.Tensor, up: torch.Tensor | None) -> str | None:
 
 def _mismatch(module, down: torch.Tensor, up: torch.Tensor) -> str | None:
     """How a sound pair of matrices fails to fit this model's module, or None."""
-    if _in_features(module) not in (None, down.shape[1]):
-        return f"LoRA input {down.shape[1]}, model {_in_features(module)}"
-    if _out_features(module) not in (None, up.shape[0]):
-        return f"LoRA output {up.shape[0]}, model {_out_features(module)}"
+    widths = _widths(module)
+    if widths is None:
+        return None
+    if widths[0] != down.shape[1]:
+        return f"LoRA input {down.shape[1]}, model {widths[0]}"
+    if widths[1] != up.shape[0]:
+        return f"LoRA output {up.shape[0]}, model {widths[1]}"
     return None
 
 
-def _find_module(model, name: str, text_encoder: bool):
-    """The module a LoRA key names, dotted (diffusers) or underscored (kohya). Text-encoder names carry CLIP's
-    historical text_model.* prefix, which transformers 5 dropped from CLIPTextModel: try the name with and without."""
+def _find_module(model, name: str, text_encoder: bool, index: dict):
+    """The module a LoRA key names, dotted (diffusers) or underscored (kohya, looked up in `index`, the model's
+    _module_index). Text-encoder names carry CLIP's historical text_model.* prefix, which transformers 5 dropped from
+    CLIPTextModel: try the name with and without."""
     underscored = "." not in name
     prefix = "text_model_" if underscored else "text_model."
-    candidates = [name, name.removeprefix(prefix)] if text_encoder else [name]
-    index = _module_index(model) if underscored else None
-    for candidate in candidates:
+    for candidate in ([name, name.removeprefix(prefix)] if text_encoder else [name]):
         if underscored:
             module = index.get(candidate, (None, None))[1]
         else:
@@ -220,17 +214,21 @@ def check_lora_fits(weights: dict[str, torch.Tensor], pipe, source: str) -> None
     if not modules:
         raise UserError(f"{source}: no LoRA weights found (expected unet.*.lora_A.weight or lora_unet_* keys)")
     missing, mismatched = [], []
+    indexes = {}  # component -> its underscored-name index, built once
     for component, name, down, up in modules:
         damage = _damage(down, up)
         if damage:
             raise UserError(f"{source}: {component}.{name}: {damage}; the file is damaged or in a layout this "
                             "tool does not read: export it again")
         model = getattr(pipe, component, None)
-        module = None if model is None else _find_module(model, name, component == "text_encoder")
+        module = None
+        if model is not None:
+            index = indexes.setdefault(component, _module_index(model))
+            module = _find_module(model, name, component == "text_encoder", index)
         if module is None:
             missing.append(f"{component}.{name}")
-        elif _mismatch(module, down, up):
-            mismatched.append(f"{component}.{name} ({_mismatch(module, down, up)})")
+        elif problem := _mismatch(module, down, up):
+            mismatched.append(f"{component}.{name} ({problem})")
     hint = ("; it was probably trained for another base model (SD 1.x vs 2.x vs SDXL): "
             "use the base model named in its metadata")
     if missing:

@@ -172,17 +172,17 @@ def check_environment(cfg) -> None:
 
 
 def make_optimizer(cfg, groups: list[dict]):
+    settings = dict(betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_epsilon,
+                    weight_decay=cfg.train.weight_decay)
     if cfg.train.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        optimizer_class = bnb.optim.AdamW8bit  # 8-bit optimizer states (Dettmers et al. 2022): ~75 % less memory
-        return optimizer_class(groups, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-                               eps=cfg.train.adam_epsilon, weight_decay=cfg.train.weight_decay)
+        # 8-bit optimizer states (Dettmers et al. 2022): ~75 % less optimizer memory
+        return bnb.optim.AdamW8bit(groups, **settings)
     # the same AdamW update in one fused kernel per step on a GPU instead of a Python loop of small ops
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
-    return torch.optim.AdamW(groups, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_epsilon,
-                             weight_decay=cfg.train.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(groups, fused=fused or None, **settings)
 
 
 def check_batch(cfg, examples: int | None) -> None:
@@ -194,8 +194,8 @@ def check_batch(cfg, examples: int | None) -> None:
         return
     shown = f"train.batch_size={cfg.train.batch_size} x train.gradient_accumulation_steps=" \
             f"{cfg.train.gradient_accumulation_steps}" + (f" x {processes} processes" if processes > 1 else "")
-    raise UserError(f"{shown} = {need} images per optimizer step, but {cfg.data.train_dir} gives {examples} per "
-                    f"epoch (data.repeats={cfg.data.repeats}): lower the batch or accumulation, or raise data.repeats")
+    raise UserError(f"{shown} = {need} images per optimizer step, but the training set gives {examples} per epoch "
+                    f"(data.repeats={cfg.data.repeats}): lower the batch or accumulation, or raise data.repeats")
 
 
 def resolve_steps(cfg, batches_per_epoch: int) -> tuple[int, int]:

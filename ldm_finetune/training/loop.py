@@ -70,7 +70,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    kept = [line for line in lines if (line_step := _step_of(line)) is not None and line_step <= step]
     if len(kept) != len(lines):
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept))
@@ -87,67 +87,72 @@ def _step_of(line: str) -> int | None:
 def run_loop(loop: Loop, global_step: int, last_checkpoint: Path | None) -> int:
     """Train from `global_step` to `loop.max_steps`; returns the final step."""
 
-    cfg, accelerator = loop.cfg, loop.accelerator
     progress = tqdm(total=loop.max_steps, initial=global_step, desc="train",
-                    disable=not accelerator.is_main_process)
+                    disable=not loop.accelerator.is_main_process)
+    try:
+        global_step = _train_steps(loop, global_step, last_checkpoint, progress)
+    finally:
+        progress.close()  # the bar ends its line before any error message is printed
+    loop.accelerator.wait_for_everyone()
+    return global_step
+
+
+def _train_steps(loop: Loop, global_step: int, last_checkpoint: Path | None, progress) -> int:
+    cfg, accelerator = loop.cfg, loop.accelerator
     layout = RunLayout(cfg.output_dir)
     log_path = layout.metrics
     started = time.time()
     first_epoch = global_step // loop.per_epoch
     micro_losses = []  # the losses of this optimizer step's micro-batches
-    try:  # the bar ends its line before any error message is printed
-        for epoch in range(first_epoch, math.ceil(loop.max_steps / loop.per_epoch)):
-            loop.dataloader.set_epoch(epoch)
-            batches = loop.dataloader
-            if epoch == first_epoch and global_step % loop.per_epoch:
-                skip = (global_step % loop.per_epoch) * cfg.train.gradient_accumulation_steps
-                batches = accelerator.skip_first_batches(loop.dataloader, skip)
-            for batch in batches:
-                with accelerator.accumulate(*loop.models), accelerator.autocast():
-                    loss = loop.step_fn(batch)
-                    micro_losses.append(loss.detach())
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        loop.hooks.before_optimizer_step(global_step)
-                        if cfg.train.max_grad_norm:
-                            accelerator.clip_grad_norm_(loop.params, cfg.train.max_grad_norm)
-                    loop.optimizer.step()
-                    loop.lr_scheduler.step()
-                    loop.optimizer.zero_grad(set_to_none=True)
-                    if accelerator.sync_gradients:
-                        loop.hooks.after_optimizer_step(global_step)
-                if not accelerator.sync_gradients:
-                    continue
-                global_step += 1
-                mean_loss = accelerator.gather(torch.stack(micro_losses).mean()[None]).mean().item()
-                micro_losses.clear()
-                if not math.isfinite(mean_loss):
-                    raise TrainingStopped(
-                        f"loss became {mean_loss} at step {global_step}; stopped without saving. Last good checkpoint: "
-                        f"{last_checkpoint or 'none'}. Try a lower train.learning_rate, train.max_grad_norm, or "
-                        "train.mixed_precision=bf16 instead of fp16")
-                progress.update(1)
-                progress.set_postfix(loss=f"{mean_loss:.4f}")
-                lr = loop.lr_scheduler.get_last_lr()[0]
-                if global_step % cfg.logging.every_steps == 0 or global_step == loop.max_steps:
-                    accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=global_step)
-                if accelerator.is_main_process:
-                    record = {"step": global_step, "loss": mean_loss, "lr": lr, "time": round(time.time() - started, 3)}
-                    if torch.cuda.is_available():  # the number to watch when tuning batch size against out-of-memory
-                        record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0:
-                    last_checkpoint = save_checkpoint(accelerator, layout.checkpoints, global_step,
-                                                      {"epoch": epoch}, cfg.checkpoint.total_limit)
-                every = cfg.validation.every_steps
-                if every and global_step % every == 0 and global_step < loop.max_steps:
-                    loop.validate(global_step, f"step-{global_step:06d}")
-                if global_step >= loop.max_steps:
-                    break
+    for epoch in range(first_epoch, math.ceil(loop.max_steps / loop.per_epoch)):
+        loop.dataloader.set_epoch(epoch)
+        batches = loop.dataloader
+        if epoch == first_epoch and global_step % loop.per_epoch:
+            skip = (global_step % loop.per_epoch) * cfg.train.gradient_accumulation_steps
+            batches = accelerator.skip_first_batches(loop.dataloader, skip)
+        for batch in batches:
+            with accelerator.accumulate(*loop.models), accelerator.autocast():
+                loss = loop.step_fn(batch)
+                micro_losses.append(loss.detach())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    loop.hooks.before_optimizer_step(global_step)
+                    if cfg.train.max_grad_norm:
+                        accelerator.clip_grad_norm_(loop.params, cfg.train.max_grad_norm)
+                loop.optimizer.step()
+                loop.lr_scheduler.step()
+                loop.optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    loop.hooks.after_optimizer_step(global_step)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            mean_loss = accelerator.gather(torch.stack(micro_losses).mean()[None]).mean().item()
+            micro_losses.clear()
+            if not math.isfinite(mean_loss):
+                raise TrainingStopped(
+                    f"loss became {mean_loss} at step {global_step}; stopped without saving. Last good checkpoint: "
+                    f"{last_checkpoint or 'none'}. Try a lower train.learning_rate, train.max_grad_norm, or "
+                    "train.mixed_precision=bf16 instead of fp16")
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            lr = loop.lr_scheduler.get_last_lr()[0]
+            if global_step % cfg.logging.every_steps == 0 or global_step == loop.max_steps:
+                accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=global_step)
+            if accelerator.is_main_process:
+                record = {"step": global_step, "loss": mean_loss, "lr": lr, "time": round(time.time() - started, 3)}
+                if torch.cuda.is_available():  # the number to watch when tuning batch size against out-of-memory
+                    record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0:
+                last_checkpoint = save_checkpoint(accelerator, layout.checkpoints, global_step,
+                                                  {"epoch": epoch}, cfg.checkpoint.total_limit)
+            every = cfg.validation.every_steps
+            if every and global_step % every == 0 and global_step < loop.max_steps:
+                loop.validate(global_step, f"step-{global_step:06d}")
             if global_step >= loop.max_steps:
                 break
-    finally:
-        progress.close()
-    accelerator.wait_for_everyone()
+        if global_step >= loop.max_steps:
+            break
     return global_step
