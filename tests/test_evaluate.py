@@ -111,13 +111,13 @@ def test_size_mismatch_and_too_few_images(prep_dataset, tmp_path, run_cli):
     assert "only 2 generated images" in (tmp_path / "p" / "report.html").read_text()
 
 
-def eval_config(tmp_path, prep_dataset, models):
+def eval_config(tmp_path, prep_dataset, models, **sampler):
     path = tmp_path / "eval.yaml"
     path.write_text(json.dumps({
         "real": str(prep_dataset), "models": models, "seeds": [0, 1, 2, 3], "probe_seeds": [0],
         "concepts": {"dry/thickness": "sf_dry sf_thickness", "injected/warp": "sf_injected sf_warp"},
         "probes": ["horse on a beach", "a texture"], "max_real": 20,
-        "sampler": {"steps": 2, "pixel_steps": 3}}))  # JSON is YAML
+        "sampler": {"steps": 2, "pixel_steps": 3, **sampler}}))  # JSON is YAML
     return path
 
 
@@ -132,10 +132,13 @@ def test_config_form_with_sd_lora_pixel_and_baseline(prep_dataset, tiny_model_di
     models = [{"name": "base", "kind": "sd", "model": str(tiny_model_dir)},
               {"name": "lora", "kind": "sd", "model": str(tiny_model_dir), "loras": [str(lora)]},
               {"name": "mosaic", "kind": "local_score", "patch": 3}]
-    config = eval_config(tmp_path, prep_dataset, models)
+    config = eval_config(tmp_path, prep_dataset, models, resolution=32)  # concepts at 32 px, probes at its own 64
     code, out, err = run_cli("evaluate", config, "--out", tmp_path / "ev")
     assert code == 0, err
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    images = tmp_path / "ev" / "images" / "lora"
+    assert Image.open(images / "dry__thickness" / "0000.png").size == (32, 32)
+    assert Image.open(images / "probes" / "a-texture_0000.png").size == (64, 64) and m["probes"]["side"] == 64
     assert set(m["fidelity"]) == {"dry/thickness", "injected/warp"}
     assert set(m["fidelity"]["dry/thickness"]["models"]) == {"base", "lora", "mosaic"}
     assert any("tiny random-init" in n for n in m["notes"])

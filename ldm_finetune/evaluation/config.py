@@ -47,7 +47,7 @@ from ldm_finetune.generation.sample import baseline_slices
 from ldm_finetune.models.denoisers import local_denoiser
 from ldm_finetune.models.diffusion import make_schedule, sample
 from ldm_finetune.models.pixel_unet import load_pixel_model
-from ldm_finetune.models.stable_diffusion import render
+from ldm_finetune.models.stable_diffusion import native_side, render
 from ldm_finetune.training.mini_base import load_probe
 
 DEFAULT_PROBES = ["horse on a beach", "two zebras", "a texture"]
@@ -83,6 +83,9 @@ class SamplerSettings:
     scheduler: Optional[str] = None  # SD scheduler name (generate's --scheduler); null: the model's own
     negative_prompt: str = ""
     resolution: Optional[int] = None  # SD image side; null: the real slices' size
+    # SD side of the drift probes; null: the model's own (its UNet sample size x the VAE factor, 512 for SD 1.5,
+    # 768 for SD 2.1, 32 for the mini base): drift is what the model now draws where it used to draw well
+    probe_resolution: Optional[int] = None
     pixel_sampler: Literal["ddpm", "ddim"] = "ddim"  # pixel DDPM and local-score baseline
     pixel_steps: int = 50
     pixel_eta: float = 0.0  # DDIM eta of the pixel DDPM (1: stochastic, better for a briefly trained model)
@@ -163,9 +166,10 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
                 (row,) = render(pipe, [prompt], [seed], cfg.sampler.steps, cfg.sampler.guidance,
                                 cfg.sampler.negative_prompt, side, side)
                 _save(row[0], folder / class_folder(cls) / f"{seed:04d}.png", grey=True)
+            probe_side = cfg.sampler.probe_resolution or native_side(pipe)
             for prompt, seed in probes:
                 (row,) = render(pipe, [prompt], [seed], cfg.sampler.steps, cfg.sampler.guidance,
-                                cfg.sampler.negative_prompt, side, side)
+                                cfg.sampler.negative_prompt, probe_side, probe_side)
                 _save(row[0], folder / "probes" / f"{slug(prompt)}_{seed:04d}.png", grey=False)
         else:
             for cls, seed in wanted:
@@ -291,6 +295,7 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
             near_base = M.pairwise_msd(ft_desc, base_desc).min(1)
             rows[prompt]["ct_leakage"] = float((near_ct < near_base).mean())
         out["models"][entry.name] = {"prompts": rows, "grids": grids}
+        out["side"] = int(b_rgb[0].shape[1])
     return out
 
 

@@ -220,7 +220,9 @@ def _probes(probes: dict) -> str:
     if not probes:
         return "<p>No probes were run (they need a base model and a fine-tuned one: see the config form).</p>"
     probe = table("probe")
-    parts = [f"<p>Base model: {html.escape(probes['base'])}; same prompts, seeds, sampler and steps.</p>"]
+    side = f", at {probes['side']} px" if "side" in probes else ""
+    parts = [f"<p>Base model: {html.escape(probes['base'])}; same prompts, seeds, sampler and steps{side} (the "
+             "model's own size unless <code>sampler.probe_resolution</code> says otherwise).</p>"]
     for m, r in probes["models"].items():
         parts.append(f"<h4>{html.escape(m)}</h4><table><tr><th>prompt</th>"
                      + "".join(f"<th>{p.label}</th>" for p in probe) + "</tr>")

@@ -65,11 +65,52 @@ def inference_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 
 
 def texture_fields(n: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """(n, size, size, 3) generic grey textures for the VAE: smooth random fields of random scale pushed through a
-    random contrast curve, plus a little pixel noise. Not CT, but CT's ingredients (blobs, edges, grain)."""
-    sigmas = rng.uniform(0.3, 3.0, n)
-    fields = np.stack([ndimage.gaussian_filter(g, s) for g, s in zip(rng.standard_normal((n, size, size)), sigmas)])
-    fields = (fields - fields.mean((1, 2), keepdims=True)) / (fields.std((1, 2), keepdims=True) + 1e-6)
-    fields = 1 / (1 + np.exp(-fields * rng.uniform(0.5, 4.0, n)[:, None, None]))
-    fields = fields + rng.uniform(0, 0.08, n)[:, None, None] * rng.standard_normal(fields.shape)
-    return np.repeat(np.clip(fields, 0, 1)[..., None], 3, axis=3).astype(np.float32)
+    """(n, size, size, 3) generic grey textures for the VAE, never CT: each one is a dead-leaves picture (occluding
+    ellipses of random grey), oriented streaks (noise smoothed more along one axis) or a smooth random field, with
+    a fine texture laid over it half the time, then a random blur and pixel grain. These are the ingredients any
+    grey scan has (flat regions with sharp or soft edges, anisotropic grain, sensor noise) without its content."""
+    return np.stack([_generic_texture(rng, size) for _ in range(n)])
+
+
+def _generic_texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    kind = rng.integers(3)
+    image = _dead_leaves(rng, size) if kind == 0 else _contrast(_streaks(rng, size), rng) if kind == 1 else \
+        _contrast(_smooth(rng, size, rng.uniform(0.3, 3.0)), rng)
+    if rng.random() < 0.5:  # a fine texture over the regions
+        image = image + rng.uniform(0.02, 0.12) * _streaks(rng, size)
+    image = ndimage.gaussian_filter(image, rng.uniform(0.0, 1.2))
+    image = image + rng.uniform(0.0, 0.1) * rng.standard_normal(image.shape)  # grain
+    return np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2).astype(np.float32)
+
+
+def _standardize(field: np.ndarray) -> np.ndarray:
+    return (field - field.mean()) / (field.std() + 1e-6)
+
+
+def _smooth(rng: np.random.Generator, size: int, sigma) -> np.ndarray:
+    return _standardize(ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma))
+
+
+def _streaks(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Unit-variance grain elongated along a random axis (rows or columns)."""
+    sigma = (rng.uniform(0.3, 1.5), rng.uniform(2.0, 8.0))
+    return _smooth(rng, size, sigma if rng.random() < 0.5 else sigma[::-1])
+
+
+def _contrast(field: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A standardized field through a random sigmoid: from soft gradients to near-binary regions."""
+    return 1 / (1 + np.exp(-field * rng.uniform(0.5, 4.0)))
+
+
+def _dead_leaves(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Ellipses of random grey, size, elongation and angle, each one painted over the ones before."""
+    y, x = np.mgrid[:size, :size].astype(np.float32)
+    image = np.full((size, size), rng.uniform(0, 1))
+    for _ in range(rng.integers(3, 16)):
+        cy, cx = rng.uniform(-4, size + 4, 2)
+        a, b = rng.uniform(1.5, size / 2), rng.uniform(1.5, size / 3)
+        angle = rng.uniform(0, np.pi)
+        u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
+        v = (y - cy) * np.cos(angle) - (x - cx) * np.sin(angle)
+        image[(u / a) ** 2 + (v / b) ** 2 <= 1] = rng.uniform(0, 1)
+    return image

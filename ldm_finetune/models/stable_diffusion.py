@@ -214,6 +214,11 @@ def base_model_info(pretrained: str, unet, prediction_type: str = "epsilon") -> 
 
 
 @torch.no_grad()
+def native_side(pipe) -> int:
+    """The image side a pipeline was trained at (diffusers' own default height): 512 for SD 1.5, 768 for SD 2.1."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
 def render(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, negative_prompt: str = "",
            height: int | None = None, width: int | None = None) -> list[list[np.ndarray]]:
     """images[p][s]: prompt p with seed s, as (H, W, 3) float arrays in [0, 1]."""
