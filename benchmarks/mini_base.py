@@ -26,8 +26,9 @@ from PIL import Image
 from data_prep.config import PrepConfig, VolumeSpec
 from data_prep.phantom import STATES, write_phantoms
 from data_prep.prep import run_prep
+from ldm_finetune.data.world import world_samples
 from ldm_finetune.training.fit import fit
-from ldm_finetune.training.mini_base import MiniBaseSettings, VaeTask, build_mini_base, phase_config
+from ldm_finetune.training.mini_base import MiniBaseSettings, VaeTask, build_mini_base, load_probe, vae_phase_config
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -83,6 +84,19 @@ class CtVaeTask(VaeTask):
         return CtCrops(self.slices, self.settings.vae_steps * self.settings.vae_batch, self.settings.seed)
 
 
+@torch.no_grad()
+def world_reconstruction(vae: AutoencoderKL, probe, n: int = 512, seed: int = 77) -> dict:
+    """How well the VAE keeps the world: PSNR on fresh world images, and the share of its reconstructions the probe
+    still reads right (the ceiling of what the UNet can learn to draw through this VAE)."""
+    images, items = world_samples(n, seed)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2)) * 2 - 1
+    rec = torch.cat([vae.decode(vae.encode(b).latent_dist.mode()).sample for b in x.split(128)]).clamp(-1, 1)
+    checks = probe.check(((rec + 1) / 2).permute(0, 2, 3, 1).numpy(), [it.caption for it in items])
+    return {"world_images": n, "psnr_db": round(psnr(vae, x), 2),
+            "probe_ok": round(float(np.mean([c["ok"] for c in checks])), 4),
+            "probe_colour": round(float(np.mean([c["colour"] for c in checks if "colour" in c])), 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, help="an existing mini base folder (default: build one here)")
@@ -101,8 +115,7 @@ def main() -> None:
         train, val = load_grey(data / "train"), load_grey(data / "validation")
         started = time.time()
         reference = work / "ct_vae"
-        fit(phase_config(work / "ct_vae_run", settings.vae_steps, settings.vae_batch, settings.vae_lr, settings.seed),
-            CtVaeTask(settings, reference, train))
+        fit(vae_phase_config(work / "ct_vae_run", settings), CtVaeTask(settings, reference, train))
         reference_seconds = time.time() - started
         mini = AutoencoderKL.from_pretrained(base / "vae").eval()
         ct = AutoencoderKL.from_pretrained(reference).eval()
@@ -117,6 +130,7 @@ def main() -> None:
                             "mini_base_vae (world + textures)": round(psnr(mini, val), 2),
                             "same_vae_trained_on_phantom_slices": round(psnr(ct, val), 2),
                             "reference_training_seconds": round(reference_seconds, 1)},
+            "vae_on_world": world_reconstruction(mini, load_probe(base)),
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))

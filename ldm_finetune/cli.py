@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true",
                    help="pretrain from scratch instead of unpacking the shipped weights (~25 min on 2 cores)")
     p.add_argument("--seed", type=int, default=0, help="--rebuild: build seed (default 0)")
-    p.add_argument("--vae-steps", type=int, default=1000, help="--rebuild: VAE training steps (default 1000)")
+    p.add_argument("--vae-steps", type=int, default=1500, help="--rebuild: VAE training steps (default 1500)")
     p.add_argument("--steps", type=int, default=2500,
                    help="--rebuild: UNet + text encoder training steps (default 2500)")
     p.add_argument("--no-cache", action="store_true", help="--rebuild: build into OUT directly, not the cache")
