@@ -62,14 +62,19 @@ def generate(model: Path, prompts: list[str], lora: Path | None = None, embeddin
 
 
 def distance_to_ct(images: np.ndarray, real_dir: Path) -> float:
-    """Mean of the registry's grey-level and spectrum distances between grey generations and the real slices."""
+    """How far grey generations are from the real slices, in the report's unit: each of the registry's set distances
+    (grey levels, spectrum, phase fractions, two-point, GLCM) divided by its real-vs-real floor (one half of the
+    slices against the other), then averaged, so that no one statistic decides. (Grey levels and spectrum alone
+    were fooled: a base's squares on grey share CT's grey histogram, and no VAE of this size draws CT's grain.)"""
     real = np.stack([np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255
                      for p in sorted(real_dir.glob("*.png"))])
     grey = images.mean(axis=3).astype(np.float32)
     thresholds = M.multi_otsu(real, 3)
-    r = compute_stats(real, thresholds)
-    d = set_distances(r, compute_stats(grey, thresholds), r.glcm.std(0) + 1e-8)
-    return (d["grey_w1"] + d["spectrum"]) / 2
+    half, other = compute_stats(real[0::2], thresholds), compute_stats(real[1::2], thresholds)
+    glcm_scale = half.glcm.std(0) + 1e-8
+    floor = set_distances(half, other, glcm_scale)
+    d = set_distances(half, compute_stats(grey, thresholds), glcm_scale)
+    return float(np.mean([d[k] / floor[k] for k in floor if np.ndim(floor[k]) == 0]))
 
 
 # a learning rate of 0 is refused by the config, so the "nothing learned" run uses 1e-12: the LoRA stays ~zero
@@ -85,7 +90,7 @@ def test_a_few_lora_steps_move_a_ct_caption_toward_ct(mini_base, prep_dataset, t
     before = distance_to_ct(generate(mini_base, [CAPTION]), data)
     after = distance_to_ct(generate(mini_base, [CAPTION], lora=out), data)
     if learns:
-        assert after < 0.7 * before, (before, after)  # measured: 0.45 -> 0.27
+        assert after < 0.7 * before, (before, after)  # measured: 31.0 -> 11.8 floors
     else:
         assert abs(after - before) < 0.02 * before, (before, after)  # nothing learned, nothing moved
 
