@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "cached (LDM_FINETUNE_CACHE, default ~/.cache/ldm_finetune), then copied to OUT.")
     p.add_argument("out", type=Path, metavar="OUT", help="folder for the diffusers pipeline")
     p.add_argument("--rebuild", action="store_true",
-                   help="pretrain from scratch instead of unpacking the shipped weights (~25 min on 2 cores)")
+                   help="pretrain from scratch instead of unpacking the shipped weights (~30 min on 2 cores)")
     p.add_argument("--seed", type=int, default=0, help="--rebuild: build seed (default 0)")
     p.add_argument("--vae-steps", type=int, default=1500, help="--rebuild: VAE training steps (default 1500)")
     p.add_argument("--steps", type=int, default=2500,
