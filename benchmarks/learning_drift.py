@@ -2,8 +2,9 @@
 
 For each recipe (its shipped YAML; only the base model, data, resolution, step count, batch and - where the shipped
 rate assumes thousands of steps - the learning rate are overridden, listed in the output):
-- learned: for each trained prompt, the distance of its generations to the real slices of its concept (mean of the
-  registry's grey-level W1 and log-spectrum distances) after / before fine-tuning, next to the real-vs-real floor;
+- learned: for each trained prompt, the distance of its generations to the real slices of its concept after / before
+  fine-tuning, in real-vs-real floors (training vs validation slices) averaged over the registry's five distances
+  (1.0: as close as two real sets);
 - drift: the world probe's accuracy on the world prompts (all, and the `texture` ones) before and after, plus the
   evaluation stage's weight-free drift scores on the same pairs (paired SSIM, CT-leakage share);
 - offset noise: mean grey of the darkest decile of generated CT slices, LoRA+DreamBooth with and without offset.
@@ -34,7 +35,7 @@ from data_prep.prep import run_prep
 from ldm_finetune.core.classes import row_class
 from ldm_finetune.data.world import TEXTURES, world_prompts
 from ldm_finetune.evaluation import metrics as M
-from ldm_finetune.evaluation.registry import set_distances
+from ldm_finetune.evaluation.registry import distance_in_floors
 from ldm_finetune.evaluation.stats import compute_stats
 from ldm_finetune.train import main as train_main
 from ldm_finetune.training.mini_base import load_probe, shipped_mini_base
@@ -70,11 +71,14 @@ def grey_set(folder: Path, cls: str) -> np.ndarray:
                      for r in rows if row_class(r) == cls])
 
 
-def distance(a: np.ndarray, b: np.ndarray) -> float:
-    thresholds = M.multi_otsu(a, 3)
-    sa = compute_stats(a, thresholds)
-    d = set_distances(sa, compute_stats(b, thresholds), sa.glcm.std(0) + 1e-8)
-    return (d["grey_w1"] + d["spectrum"]) / 2
+def distance(data: Path, cls: str, images: np.ndarray) -> float:
+    """Generations of a concept against its real training slices, in real-vs-real floors (training vs validation
+    slices of that concept) averaged over the registry's five distances."""
+    train, validation = grey_set(data / "train", cls), grey_set(data / "validation", cls)
+    thresholds = M.multi_otsu(train, 3)
+    real = compute_stats(train, thresholds)
+    return distance_in_floors(real, compute_stats(validation, thresholds), compute_stats(images, thresholds),
+                              real.glcm.std(0) + 1e-8)
 
 
 def load(base: Path, run: Path | None = None):
@@ -111,8 +115,7 @@ def measure(pipe, probe, trained: dict[str, str], data: Path, base_world: np.nda
     out["learned"] = {}
     for prompt, cls in trained.items():
         images = render(pipe, [prompt], seeds).mean(3).astype(np.float32)
-        real = grey_set(data / "train", cls)
-        out["learned"][prompt] = {"distance_to_ct": distance(real, images),
+        out["learned"][prompt] = {"distance_to_ct": distance(data, cls, images),
                                   "dark_decile_grey": float(np.sort(images.reshape(len(images), -1).mean(1))[
                                       : max(1, len(images) // 10)].mean())}
     return out, world
@@ -135,13 +138,12 @@ def main() -> None:
         run_prep(PrepConfig(volumes=[VolumeSpec(s, volumes[s]) for s in STATES], out=work / "data", resolution=32),
                  show_progress=False)
         data = work / "data"
-        floor = distance(grey_set(data / "train", "dry/thickness"), grey_set(data / "validation", "dry/thickness"))
         base_pipe = load(base)
         all_trained = {p: c for _, _, t in RECIPES.values() for p, c in t.items()}
         before, base_world = measure(base_pipe, probe, {p: c for p, c in all_trained.items() if "<" not in p}, data,
                                      None, args.seeds, args.world_seeds)
         record = {"steps": args.steps, "resolution": 32, "world_seeds": args.world_seeds,
-                  "real_vs_real_floor": floor, "base": before, "recipes": {}}
+                  "distance_unit": "real-vs-real floors, averaged over the five fidelity distances", "base": before, "recipes": {}}
         for name in args.recipes:
             yaml_name, overrides, trained = RECIPES[name]
             run = work / "runs" / name

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from ldm_finetune.evaluation import metrics as M
-from ldm_finetune.evaluation.registry import set_distances
+from ldm_finetune.evaluation.registry import distance_in_floors
 from ldm_finetune.evaluation.stats import compute_stats
 from ldm_finetune.train import main as train_main
 from ldm_finetune.training.mini_base import shipped_mini_base
@@ -62,19 +62,15 @@ def generate(model: Path, prompts: list[str], lora: Path | None = None, embeddin
 
 
 def distance_to_ct(images: np.ndarray, real_dir: Path) -> float:
-    """How far grey generations are from the real slices, in the report's unit: each of the registry's set distances
-    (grey levels, spectrum, phase fractions, two-point, GLCM) divided by its real-vs-real floor (one half of the
-    slices against the other), then averaged, so that no one statistic decides. (Grey levels and spectrum alone
-    were fooled: a base's squares on grey share CT's grey histogram, and no VAE of this size draws CT's grain.)"""
+    """How far grey generations are from the real slices, in real-vs-real floors (one half of the slices against the
+    other) averaged over the registry's distances. (Grey levels and spectrum alone were fooled: a base's squares on
+    grey share CT's grey histogram, and no VAE of this size draws CT's grain.)"""
     real = np.stack([np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255
                      for p in sorted(real_dir.glob("*.png"))])
-    grey = images.mean(axis=3).astype(np.float32)
     thresholds = M.multi_otsu(real, 3)
     half, other = compute_stats(real[0::2], thresholds), compute_stats(real[1::2], thresholds)
-    glcm_scale = half.glcm.std(0) + 1e-8
-    floor = set_distances(half, other, glcm_scale)
-    d = set_distances(half, compute_stats(grey, thresholds), glcm_scale)
-    return float(np.mean([d[k] / floor[k] for k in floor if np.ndim(floor[k]) == 0]))
+    generated = compute_stats(images.mean(axis=3).astype(np.float32), thresholds)
+    return distance_in_floors(half, other, generated, half.glcm.std(0) + 1e-8)
 
 
 # a learning rate of 0 is refused by the config, so the "nothing learned" run uses 1e-12: the LoRA stays ~zero

@@ -98,5 +98,14 @@ def set_distances(real: Stats, other: Stats, glcm_scale: np.ndarray) -> dict[str
     return {m.name: m.distance(real, other, glcm_scale) for m in table("fidelity") if m.distance is not None}
 
 
+def distance_in_floors(real: Stats, real_other: Stats, generated: Stats, glcm_scale: np.ndarray) -> float:
+    """One number for "how far from the real set": each fidelity distance divided by its real-vs-real floor (the
+    report's "x floor"), averaged over the distances, so that no single statistic decides (1.0: as close as two
+    real sets)."""
+    floor = set_distances(real, real_other, glcm_scale)
+    d = set_distances(real, generated, glcm_scale)
+    return float(np.mean([d[k] / floor[k] for k in floor]))
+
+
 def formatted(name: str, value) -> str:
     return "-" if value is None else format(value, METRICS[name].fmt)
