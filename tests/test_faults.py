@@ -144,9 +144,10 @@ def test_three_sigkills_and_resumes_give_the_uninterrupted_result(tiny_model_dir
             settings = {**PIXEL, **common, "data.train_dir": small_train_dir, "output_dir": out, **extra}
             return [f"{k}={v}" for k, v in settings.items()]
         concepts = {"data.concepts": TI_CONCEPT} if recipe == "textual_inversion.yaml" else {}
-        # latents encoded every step: with lora.yaml's shipped in-memory latent cache, three kills did not give the
-        # same bits in this session (an open finding; one in-process resume does)
-        concepts["data.cache_latents"] = "none"
+        # the in-memory latent cache (every process encodes it alike). With lora.yaml's shipped disk cache, a process
+        # that reads the cache and one that wrote it differ in the last bits from the third step on, with the same
+        # data and noise (steps 1-2 have equal losses): an open finding, so a resume there is close, not bit-equal
+        concepts["data.cache_latents"] = "memory"
         return [str(a) for a in lora_overrides(tiny_model_dir, small_train_dir, out, **common, **concepts, **extra)]
 
     run_to_end(recipe, args(tmp_path / "straight"))
