@@ -18,6 +18,7 @@ Results: results/learning_drift_cpu.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import tempfile
@@ -36,7 +37,6 @@ from ldm_finetune.core.classes import row_class
 from ldm_finetune.data.world import TEXTURES, world_prompts
 from ldm_finetune.evaluation import metrics as M
 from ldm_finetune.evaluation.registry import distance_in_floors
-from ldm_finetune.evaluation.stats import compute_stats
 from ldm_finetune.train import main as train_main
 from ldm_finetune.training.mini_base import load_probe, shipped_mini_base
 
@@ -71,14 +71,16 @@ def grey_set(folder: Path, cls: str) -> np.ndarray:
                      for r in rows if row_class(r) == cls])
 
 
+@functools.cache
+def real_sets(data: Path, cls: str) -> tuple[np.ndarray, np.ndarray]:
+    """A concept's training and validation slices, read once per run."""
+    return grey_set(data / "train", cls), grey_set(data / "validation", cls)
+
+
 def distance(data: Path, cls: str, images: np.ndarray) -> float:
     """Generations of a concept against its real training slices, in real-vs-real floors (training vs validation
     slices of that concept) averaged over the registry's five distances."""
-    train, validation = grey_set(data / "train", cls), grey_set(data / "validation", cls)
-    thresholds = M.multi_otsu(train, 3)
-    real = compute_stats(train, thresholds)
-    return distance_in_floors(real, compute_stats(validation, thresholds), compute_stats(images, thresholds),
-                              real.glcm.std(0) + 1e-8)
+    return distance_in_floors(*real_sets(data, cls), images)
 
 
 def load(base: Path, run: Path | None = None):
@@ -143,7 +145,8 @@ def main() -> None:
         before, base_world = measure(base_pipe, probe, {p: c for p, c in all_trained.items() if "<" not in p}, data,
                                      None, args.seeds, args.world_seeds)
         record = {"steps": args.steps, "resolution": 32, "world_seeds": args.world_seeds,
-                  "distance_unit": "real-vs-real floors, averaged over the five fidelity distances", "base": before, "recipes": {}}
+                  "distance_unit": "real-vs-real floors, averaged over the five fidelity distances", "base": before,
+                  "recipes": {}}
         for name in args.recipes:
             yaml_name, overrides, trained = RECIPES[name]
             run = work / "runs" / name

@@ -48,14 +48,19 @@ def load_grey(folder: Path) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reconstruct(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    """The VAE's reconstruction (posterior mode) of x in [-1, 1], clamped to it."""
+    return torch.cat([vae.decode(vae.encode(b).latent_dist.mode()).sample.clamp(-1, 1) for b in x.split(32)])
+
+
+def psnr_db(reconstruction: torch.Tensor, x: torch.Tensor) -> float:
+    """Mean PSNR (dB) over images, in [0, 1] grey levels."""
+    mse = ((reconstruction - x) / 2).pow(2).mean((1, 2, 3))
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
 def psnr(vae: AutoencoderKL, x: torch.Tensor) -> float:
-    """Mean PSNR (dB) of the VAE's reconstruction (posterior mode) in [0, 1] grey levels."""
-    values = []
-    for batch in x.split(32):
-        rec = vae.decode(vae.encode(batch).latent_dist.mode()).sample.clamp(-1, 1)
-        mse = ((rec - batch) / 2).pow(2).mean((1, 2, 3))
-        values.append(10 * torch.log10(1 / mse))
-    return float(torch.cat(values).mean())
+    return psnr_db(reconstruct(vae, x), x)
 
 
 class CtCrops(torch.utils.data.Dataset):
@@ -90,9 +95,9 @@ def world_reconstruction(vae: AutoencoderKL, probe, n: int = 512, seed: int = 77
     still reads right (the ceiling of what the UNet can learn to draw through this VAE)."""
     images, items = world_samples(n, seed)
     x = torch.from_numpy(images.transpose(0, 3, 1, 2)) * 2 - 1
-    rec = torch.cat([vae.decode(vae.encode(b).latent_dist.mode()).sample for b in x.split(128)]).clamp(-1, 1)
+    rec = reconstruct(vae, x)
     checks = probe.check(((rec + 1) / 2).permute(0, 2, 3, 1).numpy(), [it.caption for it in items])
-    return {"world_images": n, "psnr_db": round(psnr(vae, x), 2),
+    return {"world_images": n, "psnr_db": round(psnr_db(rec, x), 2),
             "probe_ok": round(float(np.mean([c["ok"] for c in checks])), 4),
             "probe_colour": round(float(np.mean([c["colour"] for c in checks if "colour" in c])), 4)}
 

@@ -13,9 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ldm_finetune.evaluation import metrics as M
 from ldm_finetune.evaluation.registry import distance_in_floors
-from ldm_finetune.evaluation.stats import compute_stats
 from ldm_finetune.train import main as train_main
 from ldm_finetune.training.mini_base import shipped_mini_base
 
@@ -67,10 +65,7 @@ def distance_to_ct(images: np.ndarray, real_dir: Path) -> float:
     grey share CT's grey histogram, and no VAE of this size draws CT's grain.)"""
     real = np.stack([np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255
                      for p in sorted(real_dir.glob("*.png"))])
-    thresholds = M.multi_otsu(real, 3)
-    half, other = compute_stats(real[0::2], thresholds), compute_stats(real[1::2], thresholds)
-    generated = compute_stats(images.mean(axis=3).astype(np.float32), thresholds)
-    return distance_in_floors(half, other, generated, half.glcm.std(0) + 1e-8)
+    return distance_in_floors(real[0::2], real[1::2], images.mean(axis=3).astype(np.float32))
 
 
 # a learning rate of 0 is refused by the config, so the "nothing learned" run uses 1e-12: the LoRA stays ~zero
@@ -86,7 +81,7 @@ def test_a_few_lora_steps_move_a_ct_caption_toward_ct(mini_base, prep_dataset, t
     before = distance_to_ct(generate(mini_base, [CAPTION]), data)
     after = distance_to_ct(generate(mini_base, [CAPTION], lora=out), data)
     if learns:
-        assert after < 0.7 * before, (before, after)  # measured: 31.0 -> 11.8 floors
+        assert after < 0.7 * before, (before, after)  # measured: 30.9 -> 11.7 floors
     else:
         assert abs(after - before) < 0.02 * before, (before, after)  # nothing learned, nothing moved
 

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ldm_finetune.evaluation import metrics as M
-from ldm_finetune.evaluation.stats import Stats
+from ldm_finetune.evaluation.stats import Stats, compute_stats
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,15 @@ def set_distances(real: Stats, other: Stats, glcm_scale: np.ndarray) -> dict[str
     return {m.name: m.distance(real, other, glcm_scale) for m in table("fidelity") if m.distance is not None}
 
 
-def distance_in_floors(real: Stats, real_other: Stats, generated: Stats, glcm_scale: np.ndarray) -> float:
-    """One number for "how far from the real set": each fidelity distance divided by its real-vs-real floor (the
-    report's "x floor"), averaged over the distances, so that no single statistic decides (1.0: as close as two
-    real sets)."""
-    floor = set_distances(real, real_other, glcm_scale)
-    d = set_distances(real, generated, glcm_scale)
+def distance_in_floors(real: np.ndarray, real_other: np.ndarray, generated: np.ndarray) -> float:
+    """One number for "how far from the real set" of grey image stacks (N, H, W): each fidelity distance divided by
+    its real-vs-real floor (the report's "x floor"), averaged over the distances, so that no single statistic decides
+    (1.0: as close as two real sets). Phases and the GLCM scale come from `real`."""
+    thresholds = M.multi_otsu(real, 3)
+    stats = compute_stats(real, thresholds)
+    scale = stats.glcm.std(0) + 1e-8
+    floor = set_distances(stats, compute_stats(real_other, thresholds), scale)
+    d = set_distances(stats, compute_stats(generated, thresholds), scale)
     return float(np.mean([d[k] / floor[k] for k in floor]))
 
 

@@ -74,8 +74,13 @@ def texture_fields(n: int, rng: np.random.Generator, size: int = 32) -> np.ndarr
 
 def _generic_texture(rng: np.random.Generator, size: int) -> np.ndarray:
     kind = rng.integers(3)
-    image = _dead_leaves(rng, size) if kind == 0 else _contrast(_streaks(rng, size), rng) if kind == 1 else \
-        _contrast(_smooth(rng, size, rng.uniform(0.3, 3.0)), rng)
+    if kind == 0:
+        image = _dead_leaves(rng, size)
+    elif kind == 1:
+        image = _contrast(_streaks(rng, size), rng)
+    else:
+        sigma = rng.uniform(0.3, 3.0)
+        image = _contrast(_smooth(rng, size, sigma), rng)
     if rng.random() < 0.5:  # a fine texture over the regions
         image = image + rng.uniform(0.02, 0.12) * _streaks(rng, size)
     image = ndimage.gaussian_filter(image, rng.uniform(0.0, 1.2))

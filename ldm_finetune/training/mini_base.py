@@ -138,9 +138,9 @@ class VaeTask(Task):
         self.vae = None
 
     def build(self, accelerator):
-        torch.manual_seed(self.settings.seed)
-        self.vae = build_vae(self.settings.arch).to(accelerator.device)
         s = self.settings
+        torch.manual_seed(s.seed)
+        self.vae = build_vae(s.arch).to(accelerator.device)
         return ProceduralImages(s.vae_steps * s.vae_batch, s.seed, s.vae_world_share)
 
     def parameter_groups(self) -> list[dict]:
