@@ -168,6 +168,10 @@ def test_config_bad_models(prep_dataset, tmp_path, tiny_model_dir, run_cli):
     config = eval_config(tmp_path, prep_dataset, [{"name": "x", "kind": "pixel"}])
     code, _, err = run_cli("evaluate", config, "--out", tmp_path / "c")
     assert code == 2 and "kind pixel needs model" in err
+    config = eval_config(tmp_path, prep_dataset, [{"name": "x", "kind": "sd", "model": str(tiny_model_dir)}],
+                         probe_resolution=-64)
+    code, _, err = run_cli("evaluate", config, "--out", tmp_path / "d")
+    assert code == 2 and "sampler.probe_resolution: -64 is not an image side" in err and not (tmp_path / "d").exists()
 
 
 # --- the report in a real browser ----------------------------------------------------------------------------------

@@ -91,6 +91,13 @@ class SamplerSettings:
     pixel_eta: float = 0.0  # DDIM eta of the pixel DDPM (1: stochastic, better for a briefly trained model)
     pixel_guidance: float = 1.0
 
+    def __post_init__(self):
+        for key in ("resolution", "probe_resolution"):
+            side = getattr(self, key)
+            if side is not None and side <= 0:
+                raise UserError(f"sampler.{key}: {side} is not an image side; give a positive size in pixels "
+                                "(a multiple of 8 for Stable Diffusion) or null for the default")
+
 
 @dataclass
 class EvalConfig:
