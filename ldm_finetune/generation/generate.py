@@ -16,6 +16,7 @@ from safetensors import safe_open
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path, slug, to_image
 from ldm_finetune.core.layout import RunLayout
+from ldm_finetune.models.hub_ids import load_error
 from ldm_finetune.models.stable_diffusion import check_model_source, quiet_loading, render
 from ldm_finetune.sharing.lora import check_lora_fits, lora_file, read_lora
 
@@ -75,6 +76,8 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
         pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as exc:
+        if source == model and not Path(source).exists():
+            raise load_error(model, "--model", exc) from None
         raise UserError(f"--model {model}: cannot load ({str(exc).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -5,10 +5,12 @@ through several common tokens and drags their meaning along)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from transformers import CLIPTokenizer
 
 from ldm_finetune.core.errors import UserError
+from ldm_finetune.models.hub_ids import load_error
 from ldm_finetune.models.stable_diffusion import check_model_source
 
 
@@ -17,6 +19,8 @@ def load_tokenizer(model: str):
     try:
         return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     except (OSError, ValueError) as exc:
+        if source == model and not Path(source).exists():
+            raise load_error(model, "--model", exc) from None
         raise UserError(f"--model {model}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
 
 

@@ -24,6 +24,7 @@ from transformers.utils import logging as transformers_logging
 
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_dir, to_image
+from ldm_finetune.models.hub_ids import load_error
 
 TINY_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny_clip_tokenizer"
 
@@ -178,11 +179,7 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
     except (OSError, ValueError) as exc:
         if source == pretrained and not Path(source).exists():
-            raise UserError(
-                f"model.pretrained: cannot load {pretrained!r} from the Hugging Face hub ({str(exc).splitlines()[0]}); "
-                "on an offline machine download it elsewhere (huggingface-cli download "
-                f"{pretrained}) and pass the local folder"
-            ) from None
+            raise load_error(pretrained, "model.pretrained", exc) from None
         raise UserError(f"model.pretrained: {source}: {str(exc).splitlines()[0]}") from None
     return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)
 

