@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.models.lora import add_lora, lora_state_dict
 from ldm_finetune.models.stable_diffusion import build_pipeline
 from ldm_finetune.sharing.lora import to_kohya
@@ -156,7 +157,7 @@ def test_the_pivotal_pair_in_plain_diffusers_matches_our_generate(tiny_model_dir
     ours = np.asarray(Image.open(path)).astype(np.float32) / 255
     assert np.abs(ours - plain[0]).max() <= 1 / 255 + 1e-6  # the same image, up to the PNG's 8 bits
 
-    with safe_open(str(pivotal_run / "pivotal_combined.safetensors"), framework="pt") as f:
+    with safe_open(str(RunLayout(pivotal_run).client_lora), framework="pt") as f:
         keys = set(f.keys())
     bundled = {k for k in keys if k.startswith("bundle_emb.")}
     assert bundled == {"bundle_emb.dry-slice.string_to_param.*"}  # A1111's one-file form

@@ -247,10 +247,10 @@ def test_pivotal_tuning_phases_and_both_file_forms(tiny_model_dir, prep_dataset,
     assert torch.equal(emb_2[-1:], learned)
     final_lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert any(v.any() for k, v in final_lora.items() if "lora_B" in k)
-    combined = load_file(out / "pivotal_combined.safetensors")
+    combined = load_file(out / "piv.safetensors")
     assert torch.equal(combined["bundle_emb.dry-slice.string_to_param.*"], learned)
     outputs = []
-    for name, lora in (("folder", out), ("combined", out / "pivotal_combined.safetensors")):
+    for name, lora in (("folder", out), ("combined", out / "piv.safetensors")):
         settings = GenerateSettings(prompts=[TI_PROMPT], n=1, steps=2, height=32, width=32, loras=[(str(lora), 1.0)])
         (path,) = generate(str(tiny_model_dir), settings, tmp_path / name)
         outputs.append(np.asarray(Image.open(path)))

@@ -33,12 +33,12 @@ SAMPLING_STEPS = {"ddpm_pixel.yaml": "validation.steps=2"}
 
 # the files each recipe's shareable output must hold (besides config.yaml, the model card and the finished marker)
 OUTPUTS = {
-    "lora.yaml": ["pytorch_lora_weights.safetensors"],
-    "lora_dreambooth.yaml": ["pytorch_lora_weights.safetensors"],
+    "lora.yaml": ["pytorch_lora_weights.safetensors", "{run}.safetensors"],
+    "lora_dreambooth.yaml": ["pytorch_lora_weights.safetensors", "{run}.safetensors"],
     "dreambooth.yaml": ["pipeline/model_index.json"],
     "full_finetune.yaml": ["pipeline/model_index.json"],
     "textual_inversion.yaml": ["embeddings/dry-slice.safetensors", "a1111/injected-slice.safetensors"],
-    "pivotal_tuning.yaml": ["pytorch_lora_weights.safetensors", "pivotal_combined.safetensors"],
+    "pivotal_tuning.yaml": ["pytorch_lora_weights.safetensors", "{run}.safetensors"],
     "ddpm_pixel.yaml": ["model/model_index.json", "model/README.md"],
 }
 pytestmark = pytest.mark.slow
@@ -81,6 +81,6 @@ def test_shipped_recipe_runs_as_shipped(recipe, project, tiny_model_dir):
     finished = json.loads((out / "training_finished.json").read_text())
     assert finished["global_step"] == STEPS
     card = [] if recipe == "ddpm_pixel.yaml" else ["README.md"]  # the pixel model's card is inside model/
-    for name in OUTPUTS[recipe] + card + ["config.yaml"]:
+    for name in [n.format(run=out.name) for n in OUTPUTS[recipe]] + card + ["config.yaml"]:
         assert (out / name).is_file(), f"{recipe}: {name} missing"
     assert list((out / "samples").glob("*.png")), f"{recipe}: no validation images"

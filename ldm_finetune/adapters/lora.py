@@ -1,13 +1,16 @@
 """LoRA (Hu et al. 2022) through peft on the UNet's attention (optionally feed-forward / ResNet convolutions and the
-text encoder); writes pytorch_lora_weights.safetensors in diffusers' layout."""
+text encoder); writes pytorch_lora_weights.safetensors in diffusers' layout and <run name>.safetensors in the kohya
+layout that ComfyUI, A1111 and kohya's tools load."""
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 from ldm_finetune.adapters.base import Adapter
 from ldm_finetune.models.lora import add_lora, lora_state_dict
-from ldm_finetune.sharing.lora import save_lora
+from ldm_finetune.core.layout import RunLayout
+from ldm_finetune.sharing.lora import save_lora, write_kohya
 
 
 class LoraAdapter(Adapter):
@@ -35,11 +38,16 @@ class LoraAdapter(Adapter):
         finally:
             unet.enable_adapters()
 
-    def save(self, run, header):
+    def save_diffusers(self, run, header) -> Path:
+        """pytorch_lora_weights.safetensors, the file the client-layout one is converted from."""
         unet = run.accelerator.unwrap_model(run.unet)
         text_encoder = run.accelerator.unwrap_model(run.text_encoder) if self.cfg.lora.text_encoder else None
         weights, adapter_metadata = lora_state_dict(unet, text_encoder)
-        return [save_lora(self.cfg.output_dir, weights, adapter_metadata, header)]
+        return save_lora(self.cfg.output_dir, weights, adapter_metadata, header)
+
+    def save(self, run, header):
+        diffusers_file = self.save_diffusers(run, header)
+        return [diffusers_file, write_kohya(diffusers_file, RunLayout(self.cfg.output_dir).client_lora)]
 
     def usage_lines(self, base: str, prompt: str) -> list[str]:
         return ["from diffusers import StableDiffusionPipeline", "",
@@ -53,5 +61,7 @@ class LoraAdapter(Adapter):
                 "LoRA targets": ", ".join(lora.targets) + (" + text encoder" if lora.text_encoder else "")}
 
     def sharing_note(self) -> str | None:
-        return ("For A1111 / ComfyUI: `ldm-finetune export path/to/this/folder --format kohya --out "
-                "model.safetensors`.")
+        name = RunLayout(self.cfg.output_dir).client_lora.name
+        return (f"Which file for which tool: diffusers `load_lora_weights` reads `pytorch_lora_weights.safetensors`; "
+                f"ComfyUI (LoraLoader), A1111 / Forge and kohya sd-scripts read `{name}` (kohya layout, explicit "
+                f"alphas): copy it into their `models/Lora/` folder as is.")

@@ -1,19 +1,17 @@
 """Pivotal tuning: Textual Inversion for `pivotal.ti_steps`, then LoRA with the learned tokens frozen (the pivot);
-writes both standard files and pivotal_combined.safetensors (kohya LoRA + bundled embeddings, one file for A1111)."""
+writes both standard files and <run name>.safetensors (kohya LoRA + bundled embeddings: one file for ComfyUI, A1111
+and kohya's tools)."""
 
 from __future__ import annotations
 
 import json
 
-from safetensors.torch import save_file
-
 from ldm_finetune.adapters.lora import LoraAdapter
 from ldm_finetune.adapters.textual_inversion import TextualInversionAdapter
 from ldm_finetune.core.errors import UserError
-from ldm_finetune.core.io import atomic_path
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.sharing.embeddings import token_name
-from ldm_finetune.sharing.lora import DIFFUSERS_METADATA_KEY, kohya_header, read_lora, to_kohya
+from ldm_finetune.sharing.lora import write_kohya
 
 
 class PivotalAdapter(TextualInversionAdapter):
@@ -62,19 +60,15 @@ class PivotalAdapter(TextualInversionAdapter):
         return self.lora.base_model(unet)
 
     def save(self, run, header):
-        """The standard files (embeddings + pytorch_lora_weights) and pivotal_combined.safetensors: kohya LoRA keys
-        plus the embeddings as bundle_emb.<name>.string_to_param.*, the one-file form A1111 reads."""
+        """The standard files (embeddings + pytorch_lora_weights) and the client file: kohya LoRA keys plus the
+        embeddings as bundle_emb.<name>.string_to_param.*, the one-file form A1111 reads."""
 
-        written = super().save(run, header) + self.lora.save(run, header)
-        weights, metadata = read_lora(written[-1])
-        combined = to_kohya(weights, json.loads(metadata[DIFFUSERS_METADATA_KEY]))
-        for token, vectors in self.learned().items():
-            combined[f"bundle_emb.{token_name(token)}.string_to_param.*"] = vectors
-        path = RunLayout(self.cfg.output_dir).pivotal_combined
-        with atomic_path(path) as tmp:
-            save_file(combined, str(tmp), metadata=kohya_header(header, weights) | {
-                "ldm_finetune.tokens": json.dumps({token_name(t): t for t in self.token_ids})})
-        return written + [path]
+        written = super().save(run, header)
+        diffusers_file = self.lora.save_diffusers(run, header)
+        bundled = {f"bundle_emb.{token_name(t)}.string_to_param.*": v for t, v in self.learned().items()}
+        tokens = {"ldm_finetune.tokens": json.dumps({token_name(t): t for t in self.token_ids})}
+        client = write_kohya(diffusers_file, RunLayout(self.cfg.output_dir).client_lora, bundled, tokens)
+        return written + [diffusers_file, client]
 
     def usage_lines(self, base: str, prompt: str) -> list[str]:
         return ["from diffusers import StableDiffusionPipeline", "",
@@ -84,5 +78,8 @@ class PivotalAdapter(TextualInversionAdapter):
                 f'image = pipe("{prompt}").images[0]']
 
     def sharing_note(self) -> str | None:
-        return ("For A1111 / ComfyUI: `ldm-finetune export path/to/this/folder --format kohya --out "
-                "model.safetensors` (or use `pivotal_combined.safetensors`).")
+        name = RunLayout(self.cfg.output_dir).client_lora.name
+        return (f"Which file for which tool: diffusers reads the folder (`embeddings/` + "
+                f"`pytorch_lora_weights.safetensors`, lines above); ComfyUI, A1111 / Forge and kohya sd-scripts read "
+                f"`{name}`: the LoRA in the kohya layout with its tokens bundled (`bundle_emb.*`); copy it into "
+                f"`models/Lora/` as is. `ldm-finetune generate --lora` takes either.")

@@ -12,7 +12,10 @@
       embeddings/<name>.safetensors       one token per file (diffusers)      textual_inversion, pivotal
       a1111/<name>.safetensors            the same vectors, A1111 layout      textual_inversion, pivotal
       learned_embeds.safetensors          the single token, when only one     textual_inversion, pivotal
-      pivotal_combined.safetensors        kohya LoRA + bundled embeddings     pivotal
+      <run name>.safetensors              the LoRA in the kohya layout with    lora, pivotal
+                                          explicit alphas (pivotal: + its
+                                          bundle_emb.* tokens): what ComfyUI /
+                                          A1111 / kohya load from models/Lora/
       pipeline/                           a whole diffusers pipeline          full
       model/                              DDPMPipeline + classes.json         ddpm_pixel
       training_finished.json              the step a finished run reached (resume=latest then does nothing)
@@ -25,6 +28,14 @@ from pathlib import Path
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 EMBEDDINGS_NAME = "learned_embeds.safetensors"  # the file name diffusers' textual-inversion example writes
+
+
+def client_name(root: Path) -> str:
+    """The run folder's name, kept clear of the diffusers-layout file names it sits beside."""
+    name = Path(root).resolve().name or "lora"
+    if f"{name}.safetensors" in (LORA_WEIGHT_NAME, EMBEDDINGS_NAME):
+        name += "_kohya"
+    return name
 
 
 class RunLayout:
@@ -43,7 +54,8 @@ class RunLayout:
         self.embeddings = self.root / "embeddings"
         self.a1111_embeddings = self.root / "a1111"
         self.learned_embeds = self.root / EMBEDDINGS_NAME
-        self.pivotal_combined = self.root / "pivotal_combined.safetensors"
+        # named after the run, because clients list LoRAs by file name in one models/Lora/ folder
+        self.client_lora = self.root / f"{client_name(self.root)}.safetensors"
         self.pipeline = self.root / "pipeline"
         self.pixel_model = self.root / "model"
         self.lock = self.root / ".run.lock"  # held (flock) while a run writes here

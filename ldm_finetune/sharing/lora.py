@@ -239,8 +239,26 @@ def check_lora_fits(weights: dict[str, torch.Tensor], pipe, source: str) -> None
                         f"(first: {mismatched[0]}){hint}")
 
 
+def write_kohya(lora: Path, out: Path, extra: dict[str, torch.Tensor] | None = None,
+                extra_header: dict[str, str] | None = None) -> Path:
+    """Write the diffusers-layout LoRA file `lora` again at `out` in the kohya layout, with one explicit `.alpha`
+    per module (a client that finds no alpha key takes alpha = rank: twice the strength at alpha = rank / 2) and
+    the ss_* header; `extra` tensors (pivotal tuning's bundle_emb.*) ride along."""
+    weights, metadata = read_lora(lora)
+    if any(k.startswith(tuple(_KOHYA_PREFIX.values())) for k in weights):
+        raise UserError(f"{lora}: already in the kohya layout")
+    kohya = to_kohya(weights, json.loads(metadata.get(DIFFUSERS_METADATA_KEY, "{}"))) | (extra or {})
+    header = kohya_header(metadata, weights) | (extra_header or {})
+    header["modelspec.hash_sha256"] = tensors_sha256(kohya)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        save_file(kohya, str(tmp), metadata=header)
+    return out
+
+
 def export_kohya(source: str | Path, out: str | Path) -> Path:
-    """`ldm-finetune export LORA --format kohya --out FILE`: one file A1111 / ComfyUI / kohya tools load."""
+    """`ldm-finetune export LORA --format kohya --out FILE`: for runs older than the kohya file every LoRA run now
+    writes itself."""
 
     file = lora_file(source)
     out = Path(out)
@@ -248,12 +266,4 @@ def export_kohya(source: str | Path, out: str | Path) -> Path:
         raise UserError(f"--out {out}: the kohya file must end in .safetensors")
     if out.resolve() == file.resolve():
         raise UserError(f"--out {out}: would overwrite the source LoRA; choose another name")
-    weights, metadata = read_lora(file)
-    if any(k.startswith(tuple(_KOHYA_PREFIX.values())) for k in weights):
-        raise UserError(f"{file}: already in the kohya layout")
-    adapter_metadata = json.loads(metadata.get(DIFFUSERS_METADATA_KEY, "{}"))
-    kohya = to_kohya(weights, adapter_metadata)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        save_file(kohya, str(tmp), metadata=kohya_header(metadata, weights))
-    return out
+    return write_kohya(file, out)
