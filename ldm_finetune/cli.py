@@ -207,10 +207,21 @@ def _identifiers(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ldm_finetune.sharing.lora import export_kohya
+    if args.format == "kohya":
+        from ldm_finetune.sharing.lora import export_kohya
 
-    out = export_kohya(args.lora, args.out)
-    print(f"kohya / A1111 / ComfyUI LoRA written to {out}")
+        if args.lora or args.half:
+            raise UserError("--lora / --half belong to --format checkpoint; a kohya export converts one LoRA as is")
+        if Path(args.out).exists() and not args.overwrite:
+            raise UserError(f"--out {args.out}: exists; pass --overwrite to replace it")
+        print(f"kohya / A1111 / ComfyUI LoRA written to {export_kohya(args.source, args.out)}")
+        return
+    from ldm_finetune.generation.checkpoint import export_checkpoint
+    from ldm_finetune.generation.generate import parse_lora_arg
+
+    written = export_checkpoint(args.source, args.out, [parse_lora_arg(x) for x in args.lora or []], args.half,
+                                args.overwrite)
+    print("single-file checkpoint (LDM layout) written: " + ", ".join(map(str, written)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,13 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("export", help="convert a trained LoRA to the kohya / A1111 / ComfyUI layout",
-                       description="Write LORA (a pytorch_lora_weights.safetensors or its folder) in the kohya layout "
-                       "(lora_unet_* keys with explicit alpha) that A1111, ComfyUI and kohya tools load; the training "
-                       "metadata is kept in the header.")
-    p.add_argument("lora", metavar="LORA", help="diffusers-layout LoRA file or training output folder")
-    p.add_argument("--format", choices=["kohya"], default="kohya", help="target layout (kohya)")
+    p = sub.add_parser("export", help="write a LoRA in the kohya layout, or a single-file checkpoint",
+                       description="--format kohya: a diffusers-layout LoRA (file or run folder) in the kohya layout "
+                       "(lora_unet_* keys with explicit alphas) that A1111, ComfyUI and kohya load; training runs "
+                       "since this version write it themselves. --format checkpoint: one .safetensors in the original "
+                       "LDM layout (UNet, VAE, text encoder) from a full fine-tune's run folder, a LoRA run folder "
+                       "(fused into its base) or a diffusers model, with --lora FILE[:SCALE] fused in; a v-prediction "
+                       "model also gets FILE.yaml, the config A1111 reads beside it.")
+    p.add_argument("source", metavar="SOURCE", help="kohya: LoRA file or run folder; checkpoint: run folder, "
+                   "diffusers model folder or hub id")
+    p.add_argument("--format", choices=["kohya", "checkpoint"], default="kohya", help="what to write (default: kohya)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="checkpoint: a LoRA to fuse in "
+                   "(repeatable; scale 1.0 unless given)")
+    p.add_argument("--half", action="store_true", help="checkpoint: store fp16 weights (half the size)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("sample", help="sample slices from a pixel DDPM, or from the training-free local-score baseline",

@@ -29,7 +29,7 @@ from ldm_finetune.models.hub_ids import load_error
 TINY_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny_clip_tokenizer"
 
 
-PRESETS = ("tiny", "sd15", "sd21")
+PRESETS = ("tiny", "sd15", "sd21", "tiny-sd15", "tiny-sd21")
 
 
 # SD's training noise schedule (both 1.x and 2.x): 1000 steps of "scaled_linear" betas 0.00085 -> 0.012.
@@ -63,6 +63,19 @@ def _arch(preset: str) -> dict:
                       projection_dim=32, hidden_act="quick_gelu"),
             sample_size=64,
         )
+    if preset in ("tiny-sd15", "tiny-sd21"):  # the real key structure (levels, blocks, projections, text layers)
+        # at small widths: what the interop tests load into other tools' key maps
+        four = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=8)
+        unet = four | dict(sample_size=8, cross_attention_dim=32 if preset == "tiny-sd15" else 48)
+        text = dict(intermediate_size=64, num_attention_heads=4, projection_dim=32)
+        if preset == "tiny-sd15":
+            unet |= dict(attention_head_dim=8)
+            text |= dict(hidden_size=32, num_hidden_layers=12, hidden_act="quick_gelu")
+        else:  # SD 2.x: linear projections, a fixed head width (heads grow with the level), 23 GELU text layers
+            unet |= dict(attention_head_dim=(4, 4, 8, 8), use_linear_projection=True)
+            text |= dict(hidden_size=48, num_hidden_layers=23, hidden_act="gelu")
+        return dict(unet=unet, vae=four | dict(block_out_channels=(16, 16, 32, 32), sample_size=64), text=text,
+                    sample_size=64)
     vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
     if preset == "sd15":
         return dict(
@@ -93,7 +106,7 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, prediction_type: str = "
     tokenizer = CLIPTokenizer(str(TINY_TOKENIZER / "vocab.json"), str(TINY_TOKENIZER / "merges.txt"),
                               model_max_length=77, pad_token="<|endoftext|>")
     # full-size presets get CLIP's real vocabulary size: for speed only the embedding table's size matters
-    vocab_size = len(tokenizer) if preset == "tiny" else 49408
+    vocab_size = len(tokenizer) if preset.startswith("tiny") else 49408
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77,
                                                 bos_token_id=tokenizer.bos_token_id,
                                                 eos_token_id=tokenizer.eos_token_id, **arch["text"]))
