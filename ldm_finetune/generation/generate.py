@@ -102,7 +102,12 @@ def apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
         if bundled:
             load_bundled_embeddings(pipe, bundled, metadata)
         name = f"lora{i}"
-        pipe.load_lora_weights(weights, adapter_name=name)
+        # a diffusers-layout file keeps its alpha in the header, which diffusers reads only from a file: handed the
+        # tensors alone it takes alpha = rank (twice the strength at alpha = rank / 2). kohya-layout files carry
+        # their alphas as tensors, so a combined file's LoRA part can go in as tensors.
+        source = {"pretrained_model_name_or_path_or_dict": weights} if bundled else {
+            "pretrained_model_name_or_path_or_dict": str(file.parent), "weight_name": file.name}
+        pipe.load_lora_weights(**source, adapter_name=name)
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
