@@ -216,3 +216,14 @@ def test_atomic_path_cleans_up(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError
     assert os.listdir(tmp_path) == []
+
+
+def test_atomic_path_gives_the_permissions_open_would(tmp_path):
+    """A shared file written atomically must be readable by others (mkstemp alone makes it 0600)."""
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "model.safetensors") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
