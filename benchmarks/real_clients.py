@@ -95,6 +95,7 @@ def _model_outputs(base: Path, prediction: str) -> dict[str, torch.Tensor]:
     """The base UNet on a fixed (x, t, context) and the VAE decoder on a fixed latent: what a client's loaded model
     must compute."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet").eval()
     vae = AutoencoderKL.from_pretrained(base / "vae").eval()
@@ -103,10 +104,16 @@ def _model_outputs(base: Path, prediction: str) -> dict[str, torch.Tensor]:
     t = torch.tensor([500])
     context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
     z = torch.randn(1, 4, 8, 8, generator=g)
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").eval()
+    # CLIP's start and end ids around two words of its vocabulary, padded with the end id: the same ids go to the
+    # client's text encoder, whatever its tokenizer
+    ids = torch.tensor([[49406, 320, 2368] + [49407] * 74])
     with torch.no_grad():
         eps = unet(x, t, encoder_hidden_states=context).sample
         image = vae.decode(z).sample
-    return {"x": x, "t": t, "context": context, "unet_out": eps, "z": z, "vae_out": image}
+        hidden = text_encoder(ids).last_hidden_state  # (1, 77, D): what SD conditions on
+    return {"x": x, "t": t, "context": context, "unet_out": eps, "z": z, "vae_out": image, "ids": ids,
+            "text_out": hidden}
 
 
 def _keep_one_per_concept(train: Path) -> None:
@@ -239,9 +246,11 @@ def _comfy_checkpoint(path: Path, reference: dict, base: Path) -> tuple[dict, ob
     problems = [line[:300] for line in lines if line.startswith(("unet missing", "unet unexpected", "clip missing",
                                                                   "clip unexpected", "Missing VAE", "Leftover VAE"))]
     unet = model.model.diffusion_model.float()
+    encoder = getattr(clip.cond_stage_model, clip.cond_stage_model.clip)  # clip_l (SD 1) / clip_h (SD 2)
     with torch.no_grad():
         out = unet(reference["x"], timesteps=reference["t"].float(), context=reference["context"])
         image = vae.first_stage_model.float().decode(reference["z"])
+        conditioning = encoder([reference["ids"][0].tolist()])[0]  # SD 2: the penultimate layer, normed
     # text encoder: ComfyUI keeps transformers-style names under clip_l / clip_h; compare with the diffusers folder
     ours = {("text_model." + k if not k.startswith("text_model.") else k): v
             for k, v in load_file(str(base / "text_encoder" / "model.safetensors")).items()}
@@ -253,6 +262,7 @@ def _comfy_checkpoint(path: Path, reference: dict, base: Path) -> tuple[dict, ob
         "model_class": type(model.model).__name__, "prediction": str(model.model.model_type).split(".")[-1],
         "unet_rel_diff_vs_diffusers": _rel(out, reference["unet_out"]),
         "vae_decode_rel_diff_vs_diffusers": _rel(image, reference["vae_out"]),
+        "conditioning_rel_diff_vs_diffusers": _rel(conditioning, reference["text_out"]),
         "text_encoder_tensors_compared": f"{len(shared)}/{len(ours)}",
         "text_encoder_max_rel_diff": max(_rel(theirs[k].float(), ours[k].float()) for k in shared),
     }, model, clip
@@ -293,14 +303,14 @@ def _comfy_embedding(path: Path, reference_vectors: torch.Tensor, width: int) ->
     return {"loaded": True, "shape": list(vectors.shape), "equal": bool(torch.equal(vectors, reference_vectors))}
 
 
-def comfyui(work: Path, source: Path, archs: list[str]) -> None:
+def comfyui(work: Path, source: Path, archs: list[str], commit: str | None) -> None:
     sys.path.insert(0, str(source.resolve()))
     sys.argv = [sys.argv[0], "--cpu"]
     import comfy.options
 
     comfy.options.enable_args_parsing()
     torch.set_grad_enabled(False)
-    results = {"client": "ComfyUI", "source": str(source), "per_base": {}}
+    results = {"client": "ComfyUI", "commit": commit, "torch": torch.__version__, "per_base": {}}
     for arch in archs:
         folder = work / arch
         reference = load_file(str(folder / "reference.safetensors"))
@@ -333,6 +343,7 @@ def _kohya_checkpoint(path: Path, v2: bool, reference: dict, base: Path) -> tupl
     with torch.no_grad():
         out = unet(reference["x"], reference["t"], encoder_hidden_states=reference["context"]).sample
         image = vae.decode(reference["z"]).sample
+        conditioning = text_encoder(reference["ids"]).last_hidden_state
     ours = {("text_model." + k if not k.startswith("text_model.") else k): v
             for k, v in load_file(str(base / "text_encoder" / "model.safetensors")).items()}
     theirs = text_encoder.state_dict()
@@ -340,6 +351,7 @@ def _kohya_checkpoint(path: Path, v2: bool, reference: dict, base: Path) -> tupl
     return {"load_infos": load_infos,  # torch's strict load_state_dict: '<All keys matched successfully>'
             "unet_rel_diff_vs_diffusers": _rel(out, reference["unet_out"]),
             "vae_decode_rel_diff_vs_diffusers": _rel(image, reference["vae_out"]),
+            "conditioning_rel_diff_vs_diffusers": _rel(conditioning, reference["text_out"]),
             "text_encoder_tensors_compared": f"{len(shared)}/{len(ours)}",
             "text_encoder_max_rel_diff": max(_rel(theirs[k].float(), ours[k].float()) for k in shared)}, \
         text_encoder, unet
@@ -378,11 +390,11 @@ def _kohya_lora(path: Path, text_encoder, unet, reference: dict, run: str, sourc
             "all_zero_matrices": len(zero), **_compare_deltas(reference, run, deltas)}
 
 
-def kohya(work: Path, source: Path, archs: list[str]) -> None:
+def kohya(work: Path, source: Path, archs: list[str], commit: str | None) -> None:
     source = source.resolve()
     sys.path.insert(0, str(source))
     torch.set_grad_enabled(False)
-    results = {"client": "kohya sd-scripts", "source": str(source), "per_base": {}}
+    results = {"client": "kohya sd-scripts", "commit": commit, "torch": torch.__version__, "per_base": {}}
     for arch in archs:
         folder = work / arch
         reference = load_file(str(folder / "reference.safetensors"))
@@ -406,7 +418,39 @@ def report(work: Path) -> None:
             out[client] = json.loads(path.read_text())
     target = ROOT / "benchmarks" / "results" / "real_clients.json"
     target.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"written {target}")
+    print(f"written {target}\n")
+    print(markdown_table(out))
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.1e}" if x else "0"
+
+
+def markdown_table(out: dict) -> str:
+    """The README's table: one row per base and file, ComfyUI and kohya side by side."""
+    rows = ["| base | file | ComfyUI | kohya sd-scripts |", "|---|---|---|---|"]
+    comfy, kohya_ = (out.get(c, {}).get("per_base", {}) for c in ("comfyui", "kohya"))
+    for arch in out["archs"]:
+        c, k = comfy.get(arch, {}), kohya_.get(arch, {})
+        for label in dict.fromkeys([*c, *k]):
+            a, b = c.get(label), k.get(label)
+            if label == "checkpoint":
+                left = (f"{a['keys_matched']}/{a['keys_present']} keys, {a['model_class']} {a['prediction']}; UNet "
+                        f"{_fmt(a['unet_rel_diff_vs_diffusers'])}, VAE {_fmt(a['vae_decode_rel_diff_vs_diffusers'])}, "
+                        f"text encoder {_fmt(a['conditioning_rel_diff_vs_diffusers'])}") if a else "-"
+                right = (("all keys matched" if all("All keys matched" in i for i in b["load_infos"]) else
+                          "; ".join(b["load_infos"])) + f"; UNet {_fmt(b['unet_rel_diff_vs_diffusers'])}, VAE "
+                         f"{_fmt(b['vae_decode_rel_diff_vs_diffusers'])}, text encoder "
+                         f"{_fmt(b['conditioning_rel_diff_vs_diffusers'])}") if b else "-"
+            elif a and "loaded" in a:
+                left, right = ("loaded, equal" if a.get("equal") else f"loaded: {a['loaded']}"), "-"
+            else:
+                left = (f"{a['modules_patched']}/{a['modules_expected']} modules patched, {a['keys_not_loaded']} keys "
+                        f"not loaded; {_fmt(a['max_rel_diff_vs_diffusers'])}") if a else "-"
+                right = (f"{b['modules_built']}/{b['modules_in_file']} modules built, {b['unexpected_keys_dropped']} "
+                         f"keys dropped; {_fmt(b['max_rel_diff_vs_diffusers'])}") if b else "-"
+            rows.append(f"| {arch} | {label} | {left} | {right} |")
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -414,6 +458,7 @@ def main() -> None:
     parser.add_argument("step", choices=["make", "comfyui", "kohya", "report"])
     parser.add_argument("--work", type=Path, required=True, help="folder for the bases, runs and results")
     parser.add_argument("--source", type=Path, help="the client's source folder (comfyui / kohya)")
+    parser.add_argument("--commit", help="the client source's commit, recorded with its results")
     parser.add_argument("--arch", action="append", choices=list(ARCHS), help="only these bases (default: all)")
     args = parser.parse_args()
     archs = args.arch or list(ARCHS)
@@ -421,9 +466,9 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         make(args.work, archs)
     elif args.step == "comfyui":
-        comfyui(args.work, args.source, archs)
+        comfyui(args.work, args.source, archs, args.commit)
     elif args.step == "kohya":
-        kohya(args.work, args.source, archs)
+        kohya(args.work, args.source, archs, args.commit)
     else:
         report(args.work)
 

@@ -217,12 +217,11 @@ def ldm_config_yaml(pipe, prediction_type: str) -> str:
 def write_checkpoint(pipe, out: Path, header: dict[str, str], prediction_type: str, half: bool) -> list[Path]:
     """OUT (safetensors, LDM layout, metadata in the header) and, for a v-prediction model, OUT.yaml: A1111 builds a
     checkpoint from the config file of the same name beside it, and without `parameterization: v` it samples a v
-    model as an epsilon one (grey noise)."""
+    model as an epsilon one (grey noise). (ComfyUI tells an SD 2.x v model from a statistic of its weights, which a
+    fine-tune of SD 2.1-v keeps; no key in the file changes its mind, so none is written.)"""
     sd = pipeline_to_ldm(pipe)
     if half:
         sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    if prediction_type == "v_prediction":
-        sd["v_pred"] = torch.zeros(0)  # the marker ComfyUI writes into the v-prediction checkpoints it saves
     header = dict(header, **{"modelspec.hash_sha256": tensors_sha256(sd)})
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
