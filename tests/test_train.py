@@ -74,6 +74,15 @@ def test_lora_file_keys_and_metadata(launched_run, tiny_model_dir, small_train_d
     card = (launched_run / "README.md").read_text()
     assert "sf_dry sf_thickness" in card and "samples/final.png" in card and "load_lora_weights" in card
 
+    # the client-layout file beside it: the same modules in kohya keys, an explicit alpha each, the same header facts
+    client = launched_run / f"{launched_run.name}.safetensors"
+    assert f"`{client.name}`" in card and "ComfyUI" in card
+    with safe_open(str(client), framework="pt") as f:
+        kohya_meta = f.metadata()
+        alphas = [f.get_tensor(k).item() for k in f.keys() if k.endswith(".alpha")]
+    assert len(alphas) == len(keys) // 2 and set(alphas) == {16.0}
+    assert kohya_meta["ss_network_dim"] == "16" and kohya_meta["ldm_finetune.global_step"] == "3"
+
 
 def test_plain_diffusers_loads_the_lora_and_it_changes_generations(launched_run, tiny_model_dir):
     from diffusers import StableDiffusionPipeline
