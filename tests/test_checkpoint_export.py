@@ -62,7 +62,9 @@ def test_round_trip_through_diffusers_single_file_loader(preset, models, run_cli
         a, b = getattr(original, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name  # fp32: bit for bit
-    assert (image(original) == image(loaded)).all()
+    # the same weights; the images agree to float noise (diffusers' loader leaves some weights as strided views, so a
+    # single-threaded matmul may take another kernel)
+    assert abs(image(original) - image(loaded)).max() < 1e-5
     with safe_open(str(out), framework="pt") as f:
         keys, header = set(f.keys()), f.metadata()
     text_prefix = "cond_stage_model.model." if preset == "tiny-sd21" else "cond_stage_model.transformer.text_model."

@@ -175,7 +175,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_model
 @pytest.mark.parametrize("overrides, message", [
     ({"data.train_dir": "/nonexistent/train"}, "data.train_dir: /nonexistent/train does not exist"),
     ({"model.pretrained": "/nonexistent/model"}, "model.pretrained: /nonexistent/model does not exist"),
-    ({"model.pretrained": "some-org/not-downloaded"}, "pass the local folder"),
+    ({"model.pretrained": "some-org/not-downloaded"}, "and pass the folder"),
     ({"model.attention": "xformers"}, "model.attention=xformers"),
     ({"train.optimizer": "adamw8bit"}, "bitsandbytes"),
     ({"checkpoint.resume": "/nonexistent/ckpt"}, "checkpoint.resume: /nonexistent/ckpt is not a checkpoint"),
