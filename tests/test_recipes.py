@@ -131,9 +131,9 @@ def test_generate_loads_embeddings_in_both_layouts(tiny_model_dir, prep_dataset,
 def test_prior_preservation_loss_uses_the_class_half_with_its_weight():
     from ldm_finetune.training.dreambooth import prior_preservation_loss
 
-    per_sample = torch.tensor([1.0, 3.0, 10.0, 20.0])  # 2 instance, 2 class samples
-    assert prior_preservation_loss(per_sample, 2, 0.5).item() == pytest.approx(2.0 + 0.5 * 15.0)
-    assert prior_preservation_loss(per_sample, 2, 0.0).item() == pytest.approx(2.0)
+    instance, prior = torch.tensor([1.0, 3.0]), torch.tensor([10.0, 20.0])  # per-sample losses of each half
+    assert prior_preservation_loss(instance, prior, 0.5).item() == pytest.approx(2.0 + 0.5 * 15.0)
+    assert prior_preservation_loss(instance, prior, 0.0).item() == pytest.approx(2.0)
 
 
 def test_base_model_context_gives_the_frozen_prediction():

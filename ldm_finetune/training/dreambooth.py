@@ -23,10 +23,8 @@ from ldm_finetune.data.records import image_folder_records
 from ldm_finetune.models.stable_diffusion import inference_pipeline, render
 
 
-def prior_preservation_loss(per_sample: torch.Tensor, n_instance: int, prior_loss_weight: float) -> torch.Tensor:
-    """Batch = [instance half | class half]: mean instance loss + prior_loss_weight x mean class loss."""
-    instance, prior = per_sample[:n_instance], per_sample[n_instance:]
-    assert prior.numel() == n_instance, "the class half must match the instance half"
+def prior_preservation_loss(instance: torch.Tensor, prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """Mean instance loss + prior_loss_weight x mean prior loss (per-sample losses of each half)."""
     return instance.mean() + prior_loss_weight * prior.mean()
 
 
@@ -61,21 +59,30 @@ def class_folder(cfg, concept) -> Path:
 
 
 def generate_class_images(pipe, folder: Path, prompt: str, model: str, n: int, seed: int, steps: int,
-                          guidance: float, resolution: int) -> int:
+                          guidance: float, resolution: int, owned: bool = True) -> int:
     """Make FOLDER/0000.png ... up to n from `prompt` with the base model; returns how many were generated.
 
-    class_images.json records prompt, model and resolution: a folder made for another prompt is an error rather than
-    silently reused. Image i uses seed + i, so a rerun completes an interrupted folder with the same images.
+    class_images.json records every setting the images depend on: in the run's own folder (`owned`) images made with
+    other settings are made again; in a user's class_dir that is an error rather than silent reuse. Image i uses
+    seed + i, so a rerun completes an interrupted folder with the same images.
     """
 
     folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / "class_images.json"
-    wanted = {"prompt": prompt, "model": model, "resolution": resolution, "seed": seed}
+    # every setting that changes the images: a folder made with other steps or guidance is not reused
+    wanted = {"prompt": prompt, "model": model, "resolution": resolution, "seed": seed, "steps": steps,
+              "guidance": guidance}
     if record_path.is_file():
         found = json.loads(record_path.read_text())
         if {k: found.get(k) for k in wanted} != wanted:
-            raise UserError(f"{folder}: holds class images made with {found}, not {wanted}; use another class_dir "
-                            "or empty this one")
+            changed = ", ".join(f"{k} {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k) != v)
+            if not owned:
+                raise UserError(f"{folder}: holds class images made with other settings ({changed}); use another "
+                                "class_dir or empty this one")
+            print(f"class images in {folder} were made with other settings ({changed}): making them again",
+                  file=sys.stderr)
+            for old in folder.glob("[0-9][0-9][0-9][0-9].png"):
+                old.unlink()
     record_path.write_text(json.dumps(wanted, indent=2))
     missing = [i for i in range(n) if not (folder / f"{i:04d}.png").is_file()]
     for i in missing:
@@ -100,7 +107,8 @@ def prepare_class_records(cfg, accelerator, components) -> list:
                 if accelerator.is_main_process:
                     made = generate_class_images(inference_pipeline(components, device=accelerator.device), folder,
                                                  concept.class_prompt, cfg.model.pretrained, db.num_class_images,
-                                                 cfg.seed, db.class_steps, db.class_guidance, cfg.data.resolution)
+                                                 cfg.seed, db.class_steps, db.class_guidance, cfg.data.resolution,
+                                                 owned=concept.class_dir is None)
                     print(f"class images for {concept.class_prompt!r}: {made} generated, "
                           f"{db.num_class_images - made} reused from {folder}", file=sys.stderr)
         found = image_folder_records(folder, concept.class_prompt or "", f"data.concepts[{i}].class_dir")

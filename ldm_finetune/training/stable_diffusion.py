@@ -59,6 +59,7 @@ class StableDiffusionTask(Task):
         self.latent_moments = None  # (N, 8, h, w) cached VAE posteriors, or None
         self.class_moments = None  # cached posteriors of the DreamBooth class images, or None
         self.text_cache = None  # caption -> (77, D) hidden states, or None
+        self.prior_states = None  # base-model prior: class prompt -> (77, D) states of the untouched text encoder
 
     # --- set-up ------------------------------------------------------------------------------------------------
 
@@ -82,6 +83,7 @@ class StableDiffusionTask(Task):
         # DreamBooth class images come from the base model, so they are made before the adapter changes it
         class_records = prepare_class_records(cfg, accelerator, components)
         self.records = _with_prior_prompts(cfg, self.records)
+        self.prior_states = frozen_prior_states(components, self.records, accelerator.device)
         prepare_models(cfg, components, self.adapter, self.weight_dtype, accelerator.device)
         self.vae_dtype = next(components.vae.parameters()).dtype
         self.unet, self.text_encoder = components.unet, components.text_encoder
@@ -117,11 +119,14 @@ class StableDiffusionTask(Task):
 
     # --- the step ----------------------------------------------------------------------------------------------
 
-    def encoder_hidden_states(self, captions: list[str]):
-        if self.cfg.data.caption_dropout > 0:
+    def encoder_hidden_states(self, captions: list[str], droppable: int | None = None):
+        """(B, 77, D) text states; caption dropout applies to the first `droppable` captions (default: all), so
+        DreamBooth's class captions and prior prompts always keep their text."""
+        n = len(captions) if droppable is None else droppable
+        if self.cfg.data.caption_dropout > 0 and n > 0:
             # caption dropout: some images train unconditioned, keeping classifier-free guidance meaningful
-            drop = torch.rand(len(captions)) < self.cfg.data.caption_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            drop = torch.rand(n) < self.cfg.data.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions[:n], drop.tolist())] + captions[n:]
         device = self.accelerator.device
         if self.text_cache is not None:
             return torch.stack([self.text_cache[c] for c in captions]).to(device, self.weight_dtype)
@@ -154,26 +159,37 @@ class StableDiffusionTask(Task):
         noisy_latents = self.noise_scheduler.add_noise(latents, perturb_noise(noise, cfg.noise.input_perturbation),
                                                        timesteps)
         target = training_target(self.noise_scheduler, latents, noise, timesteps)
-        model_pred = self.unet(noisy_latents, timesteps, self.encoder_hidden_states(captions), return_dict=False)[0]
-        per_sample = diffusion_loss(model_pred, target, timesteps, self.noise_scheduler, cfg.noise.min_snr_gamma)
+        states = self.encoder_hidden_states(captions, droppable=n_instance)
+        model_pred = self.unet(noisy_latents, timesteps, states, return_dict=False)[0]
+        # min-SNR weights the instance term only (as diffusers' DreamBooth example): the prior term is a plain MSE
+        instance = diffusion_loss(model_pred[:n_instance], target[:n_instance], timesteps[:n_instance],
+                                  self.noise_scheduler, cfg.noise.min_snr_gamma)
         db = cfg.dreambooth
         if db is None or not db.prior_preservation:
-            return per_sample.mean()
+            return instance.mean()
         if db.prior == "base_model":
             prior = self.base_model_prior_loss(noisy_latents, timesteps, batch["prior_prompt"])
-            return per_sample.mean() + db.prior_loss_weight * prior
-        return prior_preservation_loss(per_sample, n_instance, db.prior_loss_weight)
+        else:
+            prior = diffusion_loss(model_pred[n_instance:], target[n_instance:], timesteps[n_instance:],
+                                   self.noise_scheduler)
+        return prior_preservation_loss(instance, prior, db.prior_loss_weight)
 
-    def base_model_prior_loss(self, noisy_latents, timesteps, class_prompts: list[str]):
-        """Prior without class images: on the class prompt, the model must keep predicting what the frozen base
-        model predicts for the same noisy input (the prior is the base model itself)."""
-        states = self.encoder_hidden_states(class_prompts)
+    def base_model_prior_target(self, noisy_latents, timesteps, class_prompts: list[str]):
+        """What the frozen base model predicts on the class prompt: the base UNet on the states of the untouched
+        text encoder (encoded before training), so drift of the class prompt's own text states is seen too."""
+        frozen = torch.stack([self.prior_states[p] for p in class_prompts]).to(noisy_latents.device,
+                                                                                 self.weight_dtype)
         unet = self.accelerator.unwrap_model(self.unet)
         with torch.no_grad(), self.adapter.base_model(unet):
-            target = unet(noisy_latents, timesteps, states, return_dict=False)[0]
-        model_pred = self.unet(noisy_latents, timesteps, states, return_dict=False)[0]
-        return diffusion_loss(model_pred, target, timesteps, self.noise_scheduler,
-                              self.cfg.noise.min_snr_gamma).mean()
+            return unet(noisy_latents, timesteps, frozen, return_dict=False)[0]
+
+    def base_model_prior_loss(self, noisy_latents, timesteps, class_prompts: list[str]):
+        """Prior without class images: on the class prompt, the model (UNet and, when it trains, text encoder) must
+        keep predicting what the frozen base model predicts for the same noisy input."""
+        target = self.base_model_prior_target(noisy_latents, timesteps, class_prompts)
+        model_pred = self.unet(noisy_latents, timesteps, self.encoder_hidden_states(class_prompts, droppable=0),
+                               return_dict=False)[0]
+        return diffusion_loss(model_pred, target, timesteps, self.noise_scheduler)
 
     # --- validation and the result -----------------------------------------------------------------------------
 
@@ -253,6 +269,17 @@ def _with_prior_prompts(cfg: RecipeConfig, records: list) -> list:
     if db is None or not db.prior_preservation or db.prior != "base_model":
         return records
     return [replace(r, meta=dict(r.meta, prior_prompt=r.meta["class_prompt"])) for r in records]
+
+
+def frozen_prior_states(components, records, device) -> dict | None:
+    """The base-model prior's class prompts through the text encoder as loaded (before any adapter or training):
+    {prompt: (77, D)}, or None when the prior is not the base model."""
+    prompts = sorted({r.meta["prior_prompt"] for r in records if "prior_prompt" in r.meta})
+    if not prompts:
+        return None
+    components.text_encoder.to(device)
+    with torch.no_grad():
+        return encode_captions(components.tokenizer, components.text_encoder, prompts, device)
 
 
 def prepare_models(cfg: RecipeConfig, components, adapter, weight_dtype, device) -> None:
