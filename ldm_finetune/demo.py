@@ -272,7 +272,9 @@ def _summary(s: DemoSettings, timings: dict, report: Path) -> None:
     total = sum(timings.values())
     print(f"\ndemo finished in {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
     print(f"  dataset:            {s.out / 'dataset'}  (datasets.load_dataset('imagefolder', data_dir=...))")
-    print(f"  LoRA (diffusers):   {s.out / 'runs' / 'lora_dreambooth' / 'pytorch_lora_weights.safetensors'}")
+    lora_run = RunLayout(s.out / "runs" / "lora_dreambooth")
+    print(f"  LoRA (diffusers):   {lora_run.lora}")
+    print(f"  LoRA (ComfyUI / A1111 / kohya): {lora_run.client_lora}")
     print(f"  embeddings:         {s.out / 'runs' / 'textual_inversion' / 'embeddings'}/  (A1111: a1111/)")
     print(f"  generated images:   {s.out / 'generated'}/")
     print(f"  pixel DDPM:         {s.out / 'runs' / 'ddpm_pixel' / 'model'}/  "
