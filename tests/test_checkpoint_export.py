@@ -144,3 +144,20 @@ def test_bad_input_is_one_line_and_writes_nothing(models, run_cli, tmp_path):
     code, _, err = run_cli("export", models["tiny-sd15"], "--format", "checkpoint", "--out", tmp_path / "m.ckpt")
     assert code == 2 and ".safetensors" in err
 
+
+
+def test_a_run_with_new_tokens_is_refused(models, run_cli, tmp_path):
+    """A checkpoint has no tokenizer: a pivotal run's tokens would only change the text encoder's shape."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "pivotal"
+    lora_for("tiny-sd15", run)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"pretrained": str(models["tiny-sd15"])}}))
+    (run / "embeddings").mkdir()
+    save_file({"<dry-slice>": torch.randn(1, 32)}, str(run / "embeddings" / "dry-slice.safetensors"))
+    out = tmp_path / "pivotal.safetensors"
+    code, _, err = run_cli("export", run, "--format", "checkpoint", "--out", out)
+    assert code == 2 and "Textual Inversion tokens" in err and not out.exists()
+    code, _, err = run_cli("export", models["tiny-sd15"], "--format", "checkpoint", "--out", out,
+                           "--lora", run / "pytorch_lora_weights.safetensors")
+    assert code == 0, err

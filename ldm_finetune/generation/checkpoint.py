@@ -85,7 +85,14 @@ def export_checkpoint(source: str, out: str | Path, loras: list[tuple[str, float
     loras = implied + list(loras)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     _check_family(pipe, model, loras)
+    vocabulary = pipe.text_encoder.get_input_embeddings().num_embeddings
     apply_loras(pipe, loras)  # each one's fit to this model is checked before it loads
+    if pipe.text_encoder.get_input_embeddings().num_embeddings != vocabulary:
+        # a checkpoint holds no tokenizer: clients tokenize with their own, so new token rows would only break the
+        # text encoder's shape in every one of them
+        raise UserError(f"{source}: brings Textual Inversion tokens, which a single-file checkpoint cannot carry; "
+                        "fuse its LoRA alone (--lora RUN/pytorch_lora_weights.safetensors) and share the embedding "
+                        "file beside the checkpoint")
     if loras:
         pipe.fuse_lora(components=["unet", "text_encoder"])  # at the scales apply_loras set
         pipe.unload_lora_weights()  # peft's layers go; the fused base weights stay
