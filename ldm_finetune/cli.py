@@ -170,11 +170,13 @@ def _train(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from ldm_finetune.generation.generate import GenerateSettings, generate, parse_lora_arg
+    from ldm_finetune.generation.scanner import parse_window
 
     settings = GenerateSettings(
         prompts=args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
         negative_prompt=args.negative_prompt, scheduler=args.scheduler, height=args.height, width=args.width,
-        grayscale=args.grayscale, loras=[parse_lora_arg(x) for x in args.lora or []], embeddings=args.embedding or [])
+        grayscale=args.grayscale, loras=[parse_lora_arg(x) for x in args.lora or []], embeddings=args.embedding or [],
+        format=args.format, window=parse_window(args.window) if args.window else None)
     written = generate(args.model, settings, args.out)
     print(f"{len(written)} images written to {args.out}")
 
@@ -336,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="image height in px, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=int, help="image width in px, a multiple of 8 (default: the model's)")
     p.add_argument("--grayscale", action="store_true", help="save single-channel PNGs (CT slices are grey)")
+    p.add_argument("--format", choices=["png", "tiff"], default="png", help="png (default), or tiff: one grey "
+                   "channel in the scanner's units (prep's window inverted; uint16 when it fits), facts in the tag")
+    p.add_argument("--window", metavar="LO,HI", help="tiff: the scanner window (default: the one the run recorded; write --window=LO,HI when LO < 0)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_generate)
 

@@ -3,6 +3,7 @@ write: diffusers, kohya, A1111, pivotal folders or combined files), with a fit c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path, slug, to_image
 from ldm_finetune.core.layout import RunLayout
+from ldm_finetune.generation.scanner import run_windows, window_for, write_tiff
 from ldm_finetune.models.hub_ids import load_error
 from ldm_finetune.models.stable_diffusion import check_model_source, quiet_loading, render
 from ldm_finetune.sharing.lora import check_lora_fits, lora_file, read_lora
@@ -46,6 +48,8 @@ class GenerateSettings:
     grayscale: bool = False  # save single-channel PNGs (CT slices are grey)
     loras: list[tuple[str, float]] = field(default_factory=list)  # (file or folder, scale)
     embeddings: list[str] = field(default_factory=list)
+    format: str = "png"  # png (8-bit RGB, or grey with grayscale) | tiff (scanner grey levels, see scanner.py)
+    window: tuple[float, float] | None = None  # tiff: the scanner window (default: the one the run recorded)
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -148,15 +152,41 @@ def apply_embeddings(pipe, embeddings: list[str]) -> list[str]:
     return tokens
 
 
+def _sha256(path: str) -> str:
+    file = lora_file(path) if Path(path).is_dir() else Path(path)
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _facts(model: str, settings: GenerateSettings, pipe) -> dict:
+    """What made an image, for its TIFF description: model, sampler, and the sha256 of every LoRA / embedding."""
+    return {"model": model, "steps": settings.steps, "guidance": settings.guidance,
+            "negative_prompt": settings.negative_prompt, "sampler": type(pipe.scheduler).__name__,
+            "loras": [{"file": Path(p).name, "scale": s, "sha256": _sha256(p)} for p, s in settings.loras],
+            "embeddings": [{"file": Path(p).name, "sha256": _sha256(p)} for p in settings.embeddings
+                           if Path(p).is_file()],
+            "generator": "ldm_finetune generate"}
+
+
 def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None) -> list[Path]:
-    """Write OUT/<prompt-slug>_<seed>.png for every prompt and seed, and OUT/generation.json with the settings."""
+    """Write OUT/<prompt-slug>_<seed>.png (or .tif in scanner units) for every prompt and seed, and
+    OUT/generation.json with the settings."""
 
     if settings.n < 1:
         raise UserError(f"--n {settings.n}: ask for at least one image")
     for side in (settings.height, settings.width):
         if side is not None and side % 8:
             raise UserError(f"--height/--width {side}: must be a multiple of 8")
+    if settings.format not in ("png", "tiff"):
+        raise UserError(f"--format {settings.format!r}: choose png or tiff")
     out = Path(out)
+    windows = None
+    if settings.format == "tiff":  # every prompt's window is settled before anything renders
+        recorded = run_windows([model] + [p for p, _ in settings.loras] + settings.embeddings)
+        windows = {p: window_for(p, recorded, settings.window) for p in settings.prompts}
     if pipe is None:
         pipe = load_pipeline(model)
     set_scheduler(pipe, settings.scheduler)
@@ -167,11 +197,17 @@ def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None)
                   settings.height, settings.width)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    facts = _facts(model, settings, pipe) if windows else None
     for prompt, row in zip(settings.prompts, rows):
         for seed, array in zip(seeds, row):
-            path = out / f"{slug(prompt)}_{seed}.png"
-            with atomic_path(path) as tmp:
-                to_image(array, settings.grayscale).save(tmp, format="PNG")
+            if windows:
+                window, state = windows[prompt]
+                path = write_tiff(out / f"{slug(prompt)}_{seed}.tif", array, window,
+                                  facts | {"prompt": prompt, "seed": seed, "state": state})
+            else:
+                path = out / f"{slug(prompt)}_{seed}.png"
+                with atomic_path(path) as tmp:
+                    to_image(array, settings.grayscale).save(tmp, format="PNG")
             written.append(path)
     record = {"model": model, **asdict(settings), "files": [p.name for p in written]}
     (out / "generation.json").write_text(json.dumps(record, indent=2))

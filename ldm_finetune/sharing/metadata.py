@@ -75,7 +75,7 @@ def shareable_config(cfg) -> dict:
 
 def training_header(cfg, base: dict[str, str], captions: list[str], trigger_words: list[str], step: int,
                     prediction_type: str, modelspec_suffix: str | None = "lora",
-                    num_train_images: int | None = None) -> dict[str, str]:
+                    num_train_images: int | None = None, windows: dict | None = None) -> dict[str, str]:
     architecture = base["architecture"] + (f"/{modelspec_suffix}" if modelspec_suffix else "")
     header = {
         "ldm_finetune.recipe": cfg.recipe,
@@ -100,6 +100,8 @@ def training_header(cfg, base: dict[str, str], captions: list[str], trigger_word
     }
     if num_train_images is not None:
         header["ldm_finetune.num_train_images"] = str(num_train_images)
+    if windows:  # prep's intensity window per state: `generate --format tiff` maps back to scanner units with it
+        header["ldm_finetune.windows"] = json.dumps(windows, sort_keys=True)
     if "base_model_sha256" in base:
         header["ldm_finetune.base_model_sha256"] = base["base_model_sha256"]
     digest = manifest_sha256(Path(cfg.data.train_dir))
@@ -136,6 +138,9 @@ def write_model_card(layout, cfg, adapter, header: dict[str, str], trigger_words
             "gradient accumulation": cfg.train.gradient_accumulation_steps,
             "mixed precision": cfg.train.mixed_precision, "offset noise": cfg.noise.offset,
             "min-SNR gamma": cfg.noise.min_snr_gamma}
+    if "ldm_finetune.windows" in header:
+        rows["scanner window per state (prep)"] = ", ".join(
+            f"{k} [{lo:g}, {hi:g}]" for k, (lo, hi) in sorted(json.loads(header["ldm_finetune.windows"]).items()))
     rows.update(adapter.card_rows())
     lines += [f"| {k} | {v} |" for k, v in rows.items()]
     if sample_grid:

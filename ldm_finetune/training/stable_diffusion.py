@@ -232,13 +232,20 @@ class StableDiffusionTask(Task):
         prediction_type = self.noise_scheduler.config.prediction_type
         header = training_header(cfg, base_model_info(cfg.model.pretrained, unet, prediction_type), captions,
                                  trigger_words, global_step, prediction_type, self.adapter.modelspec_suffix,
-                                 len({r.path for r in self.records}))
+                                 len({r.path for r in self.records}), scanner_windows(self.records))
         written = self.adapter.save(self, header)
         grid_path = self.validate(global_step, "final")
         write_model_card(self.layout, cfg, self.adapter, header, trigger_words,
                          self.layout.relative(grid_path) if grid_path else None,
                          [self.layout.relative(p) for p in written])
         return written
+
+
+def scanner_windows(records) -> dict[str, list[float]]:
+    """{state: [lo, hi]}: the intensity window prep applied to each state's slices (from its metadata rows), so
+    generated slices can be mapped back to the scanner's units."""
+    return {r.meta["state"]: list(r.meta["window"]) for r in records
+            if "state" in r.meta and isinstance(r.meta.get("window"), list)}
 
 
 def build_noise_scheduler(cfg: RecipeConfig, base_scheduler):

@@ -1,0 +1,109 @@
+"""Generated slices in the scanner's grey levels: single-channel TIFF whose values are prep's intensity window run
+backwards, so a lab can put them beside its scans and measure on them (porosity, fibre fraction, grey histograms).
+
+prep maps raw voxels v to g = clip((v - lo) / (hi - lo), 0, 1) and quantizes g to 8 or 16 bits; a training run
+records each state's window (`ldm_finetune.windows` in its files' headers). A generated grey level g in [0, 1] maps
+back to lo + g (hi - lo): the scanner's units, clipped where prep's window clipped. Each TIFF says how it was made in
+its ImageDescription tag (JSON), which tifffile and ImageJ / Fiji show.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from safetensors import safe_open
+
+from ldm_finetune.core.errors import UserError
+from ldm_finetune.core.io import atomic_path
+from ldm_finetune.core.layout import RunLayout
+
+WINDOWS_KEY = "ldm_finetune.windows"  # header key: {state: [lo, hi]}
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """'LO,HI' -> (lo, hi), LO < HI."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--window {text!r}: expected LO,HI (two numbers, e.g. 9000,50000)") from None
+    if not lo < hi:
+        raise UserError(f"--window {text!r}: LO must be below HI")
+    return lo, hi
+
+
+def from_unit(grey: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """[0, 1] grey levels -> scanner units (float64), the inverse of prep's window."""
+    lo, hi = window
+    return lo + np.clip(grey.astype(np.float64), 0.0, 1.0) * (hi - lo)
+
+
+def scanner_array(grey: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """(H, W) scanner values: uint16 when the window lies within uint16's range (CT volumes mostly are), float32
+    otherwise (float reconstructions, negative Hounsfield-like units)."""
+    values = from_unit(grey, window)
+    lo, hi = window
+    if lo >= 0 and hi <= np.iinfo(np.uint16).max:
+        return np.clip(np.rint(values), np.ceil(lo), np.floor(hi)).astype(np.uint16)
+    return values.astype(np.float32)
+
+
+def run_windows(paths: list[str]) -> dict[str, tuple[float, float]]:
+    """The per-state windows a model's trained files carry ({} when none does): LoRA / embedding files and run
+    folders from `--lora` / `--embedding`, and a full fine-tune's `training_metadata.json`."""
+    windows: dict[str, tuple[float, float]] = {}
+    for path in map(Path, paths):
+        for text in _headers(path):
+            for state, (lo, hi) in json.loads(text).items():
+                windows.setdefault(state, (float(lo), float(hi)))
+    return windows
+
+
+def _headers(path: Path) -> list[str]:
+    if path.is_dir():
+        meta = path / "training_metadata.json"
+        if meta.is_file():
+            return [w for w in [json.loads(meta.read_text()).get(WINDOWS_KEY)] if w]
+        files = [RunLayout(path).lora, *sorted(RunLayout(path).embeddings.glob("*.safetensors"))]
+    else:
+        files = [path]
+    found = []
+    for file in files:
+        if file.is_file() and file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                value = (f.metadata() or {}).get(WINDOWS_KEY)
+            if value:
+                found.append(value)
+    return found
+
+
+def window_for(prompt: str, windows: dict[str, tuple[float, float]], override: tuple[float, float] | None):
+    """(window, state or None) for one prompt: --window if given; the single window every state shares; else the
+    state the prompt names (as a word: 'sf_dry' names dry, not dry-compacted)."""
+    if override is not None:
+        return override, None
+    if not windows:
+        raise UserError("--format tiff: this model carries no scanner window (its files were not trained on prep "
+                        "data of this version); pass --window LO,HI in the scanner's units")
+    if len(set(windows.values())) == 1:
+        return next(iter(windows.values())), None
+    named = [s for s in windows if re.search(rf"(?<![A-Za-z0-9-]){re.escape(s)}(?![A-Za-z0-9-])", prompt)]
+    if len(named) != 1:
+        listing = ", ".join(f"{s} {list(w)}" for s, w in sorted(windows.items()))
+        raise UserError(f"--format tiff: prompt {prompt!r} names {'no' if not named else 'more than one'} state, "
+                        f"and the states' windows differ ({listing}); name one state or pass --window LO,HI")
+    return windows[named[0]], named[0]
+
+
+def write_tiff(path: Path, rgb: np.ndarray, window: tuple[float, float], facts: dict) -> Path:
+    """One (H, W) TIFF in scanner units, its facts as JSON in the description tag, written atomically."""
+    grey = rgb.mean(axis=-1) if rgb.ndim == 3 else rgb  # the model draws RGB; CT is grey
+    array = scanner_array(grey, window)
+    description = json.dumps(facts | {"window": list(window), "units": "scanner grey levels (prep's window, "
+                                      "inverted)", "dtype": str(array.dtype)}, sort_keys=True)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, array, description=description, metadata=None, photometric="minisblack")
+    return path
