@@ -214,9 +214,7 @@ def _export(args: argparse.Namespace) -> None:
 
         if args.lora or args.half:
             raise UserError("--lora / --half belong to --format checkpoint; a kohya export converts one LoRA as is")
-        if Path(args.out).exists() and not args.overwrite:
-            raise UserError(f"--out {args.out}: exists; pass --overwrite to replace it")
-        print(f"kohya / A1111 / ComfyUI LoRA written to {export_kohya(args.source, args.out)}")
+        print(f"kohya / A1111 / ComfyUI LoRA written to {export_kohya(args.source, args.out, args.overwrite)}")
         return
     from ldm_finetune.generation.checkpoint import export_checkpoint
     from ldm_finetune.generation.generate import parse_lora_arg

@@ -141,6 +141,8 @@ def test_bad_input_is_one_line_and_writes_nothing(models, run_cli, tmp_path):
     code, _, err = run_cli("export", models["tiny-sd15"], "--format", "checkpoint", "--out", existing)
     assert code == 2 and "--overwrite" in err and existing.read_bytes() == b"keep me"
     assert run_cli("export", models["tiny-sd15"], "--format", "checkpoint", "--out", existing, "--overwrite")[0] == 0
+    code, _, err = run_cli("export", sd15_lora, "--format", "kohya", "--out", existing)  # the kohya export too
+    assert code == 2 and "--overwrite" in err and existing.stat().st_size > 100
     code, _, err = run_cli("export", models["tiny-sd15"], "--format", "checkpoint", "--out", tmp_path / "m.ckpt")
     assert code == 2 and ".safetensors" in err
 

@@ -4,6 +4,7 @@ a half-written folder), reading images at full precision, and the one float -> i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -16,6 +17,16 @@ from PIL import Image
 
 # zlib level for PNG: 1 is ~4x faster to write than the default 6 and only ~10 % larger on CT slices.
 PNG_COMPRESS_LEVEL = 1
+
+
+def files_sha256(files: list[Path]) -> str:
+    """sha256 over the bytes of `files` in order (one file: what `sha256sum` prints), read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _umask() -> int:

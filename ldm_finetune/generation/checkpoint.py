@@ -18,19 +18,18 @@ from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.generation.generate import apply_loras, load_pipeline
 from ldm_finetune.models.stable_diffusion import base_model_info
 from ldm_finetune.sharing.checkpoint import write_checkpoint
-from ldm_finetune.sharing.lora import lora_file, read_lora
+from ldm_finetune.sharing.lora import lora_file
+from ldm_finetune.sharing.metadata import file_header
 
 
 def _resolve(source: str) -> tuple[str, dict[str, str], list[tuple[str, float]]]:
     """(model to load, the training header it carries, LoRAs the source itself implies)."""
     path = Path(source).expanduser()
     layout = RunLayout(path)
-    if (layout.pipeline / "model_index.json").is_file():  # a full fine-tune's run folder
-        meta = layout.pipeline / "training_metadata.json"
-        return str(layout.pipeline), json.loads(meta.read_text()) if meta.is_file() else {}, []
-    if (path / "model_index.json").is_file():
-        meta = path / "training_metadata.json"
-        return str(path), json.loads(meta.read_text()) if meta.is_file() else {}, []
+    for folder in (layout.pipeline, path):  # a full fine-tune's run folder, or a diffusers model folder
+        if (folder / "model_index.json").is_file():
+            meta = folder / "training_metadata.json"
+            return str(folder), json.loads(meta.read_text()) if meta.is_file() else {}, []
     if layout.lora.is_file() and layout.config.is_file():  # a LoRA run: its base, with its LoRA
         base = load_yaml(layout.config).get("model", {}).get("pretrained")
         if not base:
@@ -41,21 +40,19 @@ def _resolve(source: str) -> tuple[str, dict[str, str], list[tuple[str, float]]]
     return source, {}, []  # a hub id: load_pipeline says what is wrong with it
 
 
-def _check_family(pipe, model: str, loras: list[tuple[str, float]]) -> None:
+def _check_family(family: str, loras: list[tuple[str, float]]) -> None:
     """A LoRA whose header names another SD family than the model's is refused before its widths are even looked
     at (the widths catch SD 1 vs 2; this also catches 2.x-512 vs 2.x-768-v, which share every shape)."""
-    family = base_model_info(model, pipe.unet, pipe.scheduler.config.prediction_type)["family"]
     for path, _ in loras:
-        _, meta = read_lora(lora_file(path))
+        meta = file_header(lora_file(path))
         theirs = meta.get("ldm_finetune.base_family") or meta.get("ss_base_model_version")
         if theirs in ("sd_v1", "sd_v2", "sd_v2_v") and family in ("sd_v1", "sd_v2", "sd_v2_v") and theirs != family:
             raise UserError(f"--lora {path}: trained for {theirs} ({meta.get('ldm_finetune.base_model', '?')}), "
                             f"the model is {family}; fuse it into a checkpoint of its own base")
 
 
-def _header(model: str, pipe, carried: dict[str, str], loras: list[tuple[str, float]]) -> dict[str, str]:
-    prediction_type = pipe.scheduler.config.prediction_type
-    info = base_model_info(model, pipe.unet, prediction_type)
+def _header(model: str, info: dict[str, str], prediction_type: str, carried: dict[str, str],
+            loras: list[tuple[str, float]]) -> dict[str, str]:
     header = {k: v for k, v in carried.items() if k.startswith(("ldm_finetune.", "modelspec."))}
     header.update({
         "modelspec.sai_model_spec": "1.0.0",
@@ -69,7 +66,7 @@ def _header(model: str, pipe, carried: dict[str, str], loras: list[tuple[str, fl
     header.setdefault("modelspec.title", Path(model).name)
     if loras:
         fused = [{"file": lora_file(p).name, "scale": s,
-                  "sha256": read_lora(lora_file(p))[1].get("modelspec.hash_sha256", "?")} for p, s in loras]
+                  "sha256": file_header(lora_file(p)).get("modelspec.hash_sha256", "?")} for p, s in loras]
         header["ldm_finetune.fused_loras"] = json.dumps(fused)
     return header
 
@@ -84,7 +81,9 @@ def export_checkpoint(source: str, out: str | Path, loras: list[tuple[str, float
     model, carried, implied = _resolve(source)
     loras = implied + list(loras)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
-    _check_family(pipe, model, loras)
+    prediction_type = pipe.scheduler.config.prediction_type
+    info = base_model_info(model, pipe.unet, prediction_type)  # hashes the UNet's weights once
+    _check_family(info["family"], loras)
     vocabulary = pipe.text_encoder.get_input_embeddings().num_embeddings
     apply_loras(pipe, loras)  # each one's fit to this model is checked before it loads
     if pipe.text_encoder.get_input_embeddings().num_embeddings != vocabulary:
@@ -96,5 +95,4 @@ def export_checkpoint(source: str, out: str | Path, loras: list[tuple[str, float
     if loras:
         pipe.fuse_lora(components=["unet", "text_encoder"])  # at the scales apply_loras set
         pipe.unload_lora_weights()  # peft's layers go; the fused base weights stay
-    header = _header(model, pipe, carried, loras)
-    return write_checkpoint(pipe, out, header, pipe.scheduler.config.prediction_type, half)
+    return write_checkpoint(pipe, out, _header(model, info, prediction_type, carried, loras), prediction_type, half)

@@ -3,7 +3,6 @@ write: diffusers, kohya, A1111, pivotal folders or combined files), with a fit c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from ldm_finetune.core.errors import UserError
-from ldm_finetune.core.io import atomic_path, slug, to_image
+from ldm_finetune.core.io import atomic_path, files_sha256, slug, to_image
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.generation.scanner import run_windows, window_for, write_tiff
 from ldm_finetune.models.hub_ids import load_error
@@ -153,12 +152,7 @@ def apply_embeddings(pipe, embeddings: list[str]) -> list[str]:
 
 
 def _sha256(path: str) -> str:
-    file = lora_file(path) if Path(path).is_dir() else Path(path)
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return files_sha256([lora_file(path) if Path(path).is_dir() else Path(path)])
 
 
 def _facts(model: str, settings: GenerateSettings, pipe) -> dict:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from safetensors import safe_open
 
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path
 from ldm_finetune.core.layout import RunLayout
+from ldm_finetune.sharing.metadata import file_header
 
 WINDOWS_KEY = "ldm_finetune.windows"  # header key: {state: [lo, hi]}
 
@@ -70,14 +70,8 @@ def _headers(path: Path) -> list[str]:
         files = [RunLayout(path).lora, *sorted(RunLayout(path).embeddings.glob("*.safetensors"))]
     else:
         files = [path]
-    found = []
-    for file in files:
-        if file.is_file() and file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                value = (f.metadata() or {}).get(WINDOWS_KEY)
-            if value:
-                found.append(value)
-    return found
+    headers = [file_header(f) for f in files if f.is_file() and f.suffix == ".safetensors"]
+    return [h[WINDOWS_KEY] for h in headers if h.get(WINDOWS_KEY)]
 
 
 def window_for(prompt: str, windows: dict[str, tuple[float, float]], override: tuple[float, float] | None):

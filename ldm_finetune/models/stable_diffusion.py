@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from ldm_finetune.core.errors import UserError
-from ldm_finetune.core.io import atomic_dir, to_image
+from ldm_finetune.core.io import atomic_dir, files_sha256, to_image
 from ldm_finetune.models.hub_ids import load_error
 
 TINY_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny_clip_tokenizer"
@@ -214,12 +213,7 @@ def base_model_info(pretrained: str, unet, prediction_type: str = "epsilon") -> 
         info.update(family="other", architecture=f"ldm_finetune-sd-cross{cross}")
     weights = sorted((Path(pretrained).expanduser() / "unet").glob("diffusion_pytorch_model*.safetensors"))
     if weights:
-        h = hashlib.sha256()
-        for file in weights:
-            with open(file, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    h.update(chunk)
-        info["base_model_sha256"] = h.hexdigest()
+        info["base_model_sha256"] = files_sha256(weights)
     return info
 
 

@@ -33,7 +33,7 @@ def _unet_prefixes(config) -> dict[str, str]:
     placed after the attention when the level has one."""
     L = config.layers_per_block
     out = dict(_UNET_TOP)
-    for i, kind in enumerate(config.down_block_types):
+    for i in range(len(config.down_block_types)):
         for j in range(L):
             out[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{(L + 1) * i + j + 1}.0."
             out[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{(L + 1) * i + j + 1}.1."
@@ -47,12 +47,19 @@ def _unet_prefixes(config) -> dict[str, str]:
             out[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{(L + 1) * i + j}.1."
         slot = 2 if "CrossAttn" in kind else 1
         out[f"up_blocks.{i}.upsamplers.0.conv."] = f"output_blocks.{(L + 1) * i + L}.{slot}.conv."
-    return out
+    return _longest_first(out)
+
+
+def _longest_first(prefixes: dict[str, str]) -> dict[str, str]:
+    """The prefixes in the order _rename tries them: 'down_blocks.1.resnets.1.' before 'down_blocks.1.'-style
+    shorter ones, so the most specific prefix wins."""
+    return dict(sorted(prefixes.items(), key=lambda item: -len(item[0])))
 
 
 def _rename(key: str, prefixes: dict[str, str], inner: dict[str, str]) -> str:
-    """The longest matching module prefix replaced, then the next name through `inner` (a block's own names)."""
-    module = next(p for p in sorted(prefixes, key=len, reverse=True) if key.startswith(p))
+    """The first (longest) matching module prefix replaced, then the next name through `inner` (a block's own
+    names)."""
+    module = next(p for p in prefixes if key.startswith(p))
     head, dot, tail = key[len(module):].partition(".")
     return prefixes[module] + (f"{inner.get(head, head)}.{tail}" if dot else head)
 
@@ -92,7 +99,7 @@ def _vae_prefixes(config) -> dict[str, str]:
         out[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = f"decoder.up.{n - 1 - i}.upsample.conv."
     out["quant_conv."] = "quant_conv."
     out["post_quant_conv."] = "post_quant_conv."
-    return out
+    return _longest_first(out)
 
 
 def vae_to_ldm(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

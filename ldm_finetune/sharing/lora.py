@@ -256,7 +256,7 @@ def write_kohya(lora: Path, out: Path, extra: dict[str, torch.Tensor] | None = N
     return out
 
 
-def export_kohya(source: str | Path, out: str | Path) -> Path:
+def export_kohya(source: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """`ldm-finetune export LORA --format kohya --out FILE`: for runs older than the kohya file every LoRA run now
     writes itself."""
 
@@ -266,4 +266,6 @@ def export_kohya(source: str | Path, out: str | Path) -> Path:
         raise UserError(f"--out {out}: the kohya file must end in .safetensors")
     if out.resolve() == file.resolve():
         raise UserError(f"--out {out}: would overwrite the source LoRA; choose another name")
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out}: exists; pass --overwrite to replace it")
     return write_kohya(file, out)

@@ -48,6 +48,14 @@ def tensors_sha256(tensors: dict) -> str:
     return "0x" + h.hexdigest()
 
 
+def file_header(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata, without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def manifest_sha256(train_dir: Path) -> str | None:
     """sha256 of the prep manifest next to the training folder, tying a model to the exact dataset."""
     for candidate in (train_dir / "manifest.json", train_dir.parent / "manifest.json"):
