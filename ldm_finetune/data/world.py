@@ -5,7 +5,9 @@ so that fine-tuning on CT slices has something to learn *from* and something to 
 - shapes: "a red circle", "a blue square on a white background" (6 colours, 3 shapes, 3 backgrounds, varied sizes
   and positions);
 - textures, under the class noun `texture` that the study's DreamBooth used: "a striped texture",
-  "a black and white checkerboard texture", "a zigzag texture", "a dotted texture" (varied period, phase, angle).
+  "a black and white checkerboard texture", "a zigzag texture", "a dotted texture" (varied period, phase, angle),
+  and, for a quarter of them, the bare class noun: "a texture", "a black and white texture". DreamBooth's class
+  prompt is that bare noun, so the base must draw a texture for it (and the prior can only keep what the base knows).
 
 CT slices are deliberately absent: whatever CT-likeness a fine-tuned model shows comes from the fine-tuning.
 Every image carries its ground truth (`WorldItem`), and `parse_prompt` recovers the truth a prompt asks for, which
@@ -26,6 +28,10 @@ SHAPES = ["circle", "square", "triangle"]
 TEXTURES = ["striped", "checkerboard", "zigzag", "dotted"]
 KINDS = SHAPES + TEXTURES  # what the probe tells apart
 CLASS_NOUN = "texture"
+CLASS_PROMPTS = [f"a {CLASS_NOUN}", f"a black and white {CLASS_NOUN}"]  # the class noun alone, as DreamBooth uses it
+# the study's DreamBooth identifiers, lower-case as CLIP reads them; the mini base holds each as one token that no
+# caption uses (models/tokenizer.py adds them), so it starts as rare as DreamBooth wants an identifier to be
+IDENTIFIERS = ["w17h3r", "th1ck", "w@rp", "1nj3c7"]
 # words the mini base's tokenizer must hold as single tokens besides the world's own (drift probes, the project's
 # captions and Textual Inversion initializers), so every shipped recipe runs against it unchanged
 EXTRA_WORDS = ["a", "an", "of", "on", "and", "with", "the", "horse", "beach", "two", "zebras", "zebra", "skin",
@@ -49,11 +55,14 @@ def world_words() -> list[str]:
 
 
 def parse_prompt(prompt: str) -> WorldItem:
-    """The truth a world prompt asks for ("a red circle on a black background" -> circle, red, black)."""
+    """The truth a world prompt asks for ("a red circle on a black background" -> circle, red, black). A prompt that
+    names the class noun but no texture kind ("a texture") asks for kind CLASS_NOUN: any texture is right."""
     words = prompt.lower().replace(",", " ").split()
     kind = next((w for w in words if w in KINDS), None)
+    if kind is None and CLASS_NOUN in words:
+        return WorldItem(CLASS_NOUN, None, None, prompt)
     if kind is None:
-        raise ValueError(f"{prompt!r} names no world shape or texture ({', '.join(KINDS)})")
+        raise ValueError(f"{prompt!r} names no world shape or texture ({', '.join(KINDS)}) nor {CLASS_NOUN!r}")
     if kind in TEXTURES:
         return WorldItem(kind, None, None, prompt)
     colour = next((w for w in words[:words.index(kind)] if w in COLOURS), None)
@@ -74,6 +83,8 @@ def sample_item(rng: np.random.Generator) -> WorldItem:
         return WorldItem(kind, colour, background, caption)
     kind = TEXTURES[rng.integers(len(TEXTURES))]
     caption = f"a {kind} {CLASS_NOUN}" if rng.random() < 0.5 else f"a black and white {kind} {CLASS_NOUN}"
+    if rng.random() < 0.25:
+        caption = caption.replace(f" {kind}", "")  # the bare class noun
     return WorldItem(kind, None, None, caption)
 
 

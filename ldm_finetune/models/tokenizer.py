@@ -36,8 +36,11 @@ def word_merges(word: str) -> list[tuple[str, str]]:
     return merges
 
 
-def write_word_tokenizer(words: list[str], out: Path, max_length: int = 77) -> CLIPTokenizer:
-    """Write a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config) in which every word is one token."""
+def write_word_tokenizer(words: list[str], out: Path, max_length: int = 77,
+                         added: list[str] = ()) -> CLIPTokenizer:
+    """Write a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config) in which every word is one token.
+    `added` words (with digits or symbols, which CLIP's pre-tokenizer cuts apart before any merge) become added
+    tokens, matched whole before BPE, as Textual Inversion's placeholders are."""
     base = json.loads(BASE_VOCAB.read_text())
     vocab = {token: i for token, i in base.items() if i < BYTE_SYMBOLS}
     merges: list[tuple[str, str]] = []
@@ -58,13 +61,22 @@ def write_word_tokenizer(words: list[str], out: Path, max_length: int = 77) -> C
         split = {w: tokenizer.tokenize(w) for w in letter_words}
         split = {w: t for w, t in split.items() if len(t) != 1}
         if not split:
-            return tokenizer
+            return _add_tokens(tokenizer, list(added), out)
         for tokens in split.values():
             left = tokens[0]
             for right in tokens[1:]:
                 add([(left, right)])
                 left = left + right
     raise AssertionError(f"words that do not come out as one token: {sorted(split)}")
+
+
+def _add_tokens(tokenizer: CLIPTokenizer, added: list[str], out: Path) -> CLIPTokenizer:
+    if not added:
+        return tokenizer
+    tokenizer.add_tokens(added)
+    with atomic_dir(out, overwrite=True) as tmp:
+        tokenizer.save_pretrained(tmp)
+    return CLIPTokenizer.from_pretrained(out)
 
 
 def _write(vocab: dict[str, int], merges: list[tuple[str, str]], out: Path, max_length: int) -> CLIPTokenizer:

@@ -15,7 +15,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ldm_finetune.data.world import BACKGROUNDS, COLOURS, KINDS, SHAPES, WorldItem, parse_prompt, world_samples
+from ldm_finetune.data.world import (
+    BACKGROUNDS,
+    CLASS_NOUN,
+    COLOURS,
+    KINDS,
+    SHAPES,
+    TEXTURES,
+    WorldItem,
+    parse_prompt,
+    world_samples,
+)
 
 HEADS = {"kind": KINDS, "colour": list(COLOURS), "background": list(BACKGROUNDS)}
 
@@ -78,7 +88,8 @@ class WorldProbe:
         out = []
         for seen, prompt in zip(self.read(images), prompts):
             want = parse_prompt(prompt)
-            result = {"kind": seen["kind"] == want.kind}
+            # the bare class noun ("a texture") asks for any texture
+            result = {"kind": seen["kind"] in TEXTURES if want.kind == CLASS_NOUN else seen["kind"] == want.kind}
             if want.kind in SHAPES:
                 if want.colour is not None:
                     result["colour"] = seen["colour"] == want.colour

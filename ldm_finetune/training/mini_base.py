@@ -32,7 +32,15 @@ from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm_finetune.core.io import atomic_dir
-from ldm_finetune.data.world import draw, sample_item, world_prompts, world_samples, world_words
+from ldm_finetune.data.world import (
+    CLASS_PROMPTS,
+    IDENTIFIERS,
+    draw,
+    sample_item,
+    world_prompts,
+    world_samples,
+    world_words,
+)
 from ldm_finetune.models.mini_base import (
     CONTEXT_TOKENS,
     MiniArchitecture,
@@ -186,7 +194,8 @@ class TextToImageTask(Task):
     def build(self, accelerator):
         s = self.settings
         self.accelerator = accelerator
-        self.tokenizer = write_word_tokenizer(world_words(), self.tokenizer_dir, CONTEXT_TOKENS)
+        self.tokenizer = write_word_tokenizer(world_words(), self.tokenizer_dir, CONTEXT_TOKENS,
+                                              added=IDENTIFIERS)
         self.vae = AutoencoderKL.from_pretrained(self.vae_dir).requires_grad_(False).eval()
         images, items = world_samples(s.world_images, s.seed + 1)
         with torch.no_grad():
@@ -239,19 +248,28 @@ class TextToImageTask(Task):
 # --- the build ------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def score_base(pipe, probe: WorldProbe, seeds: int, guidance: float, steps: int = 20) -> dict:
-    """Share of world prompts whose generations the probe reads right (kind, colour, background), per seed."""
+def probe_generations(pipe, probe: WorldProbe, prompts: list[str], seeds: int, guidance: float,
+                      steps: int = 20) -> list[dict]:
+    """The probe's verdict on the base's generations of `prompts`, `seeds` times each."""
     pipe.set_progress_bar_config(disable=True)
-    prompts = world_prompts()
     results = []
     for seed in range(seeds):
         images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
                       generator=torch.Generator().manual_seed(seed), output_type="np").images
         results += probe.check(images, prompts)
+    return results
+
+
+def score_base(pipe, probe: WorldProbe, seeds: int, guidance: float) -> dict:
+    """Share of world prompts whose generations the probe reads right (kind, colour, background), per seed; and
+    the share of class-noun prompts ("a texture") drawn as a texture, over 8x as many seeds (two prompts only)."""
+    results = probe_generations(pipe, probe, world_prompts(), seeds, guidance)
     out = {"probe_ok": float(np.mean([r["ok"] for r in results])), "n": len(results)}
     for key in ("kind", "colour", "background"):
         values = [r[key] for r in results if key in r]
         out[f"probe_{key}"] = float(np.mean(values))
+    class_noun = probe_generations(pipe, probe, CLASS_PROMPTS, 8 * seeds, guidance)
+    out["probe_class_noun"] = float(np.mean([r["ok"] for r in class_noun]))
     return out
 
 
