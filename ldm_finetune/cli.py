@@ -157,7 +157,8 @@ def _mini_base(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from ldm_finetune.demo import DemoSettings, run_demo
 
-    run_demo(DemoSettings(out=args.out, shape=tuple(args.shape), resolution=args.resolution, sd_steps=args.sd_steps,
+    run_demo(DemoSettings(out=args.out, shape=tuple(args.shape), resolution=args.resolution,
+                          sd_resolution=args.sd_resolution, sd_steps=args.sd_steps,
                           ddpm_steps=args.ddpm_steps, ddpm_resolution=args.ddpm_resolution,
                           eval_images=args.eval_images, seed=args.seed, quiet=args.quiet))
 
@@ -169,29 +170,44 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from ldm_finetune.generation.generate import GenerateSettings, generate, parse_lora_arg
+    from ldm_finetune.core.threads import use_cpu_threads
+    from ldm_finetune.generation.generate import GenerateSettings, generate, generate_dataset, parse_lora_arg
     from ldm_finetune.generation.scanner import parse_window
 
     settings = GenerateSettings(
-        prompts=args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        prompts=args.prompt or [], n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
         negative_prompt=args.negative_prompt, scheduler=args.scheduler, height=args.height, width=args.width,
         grayscale=args.grayscale, loras=[parse_lora_arg(x) for x in args.lora or []], embeddings=args.embedding or [],
-        format=args.format, window=parse_window(args.window) if args.window else None)
+        format=args.format, window=parse_window(args.window) if args.window else None, tile=args.tile,
+        tile_overlap=args.tile_overlap, seamless=args.seamless)
+    if args.dataset is None and args.out is None:
+        raise UserError("generate: pass --out DIR (images) or --dataset DIR (a synthetic dataset)")
+    if args.dataset is None and not args.prompt:
+        raise UserError("generate: pass at least one --prompt")
+    use_cpu_threads()
+    if args.dataset is not None:
+        written = generate_dataset(args.model, settings, args.dataset, args.per_concept)
+        print(f"{len(written)} new images in {args.dataset} (metadata.jsonl: prep's layout, synthetic: true)")
+        return
     written = generate(args.model, settings, args.out)
     print(f"{len(written)} images written to {args.out}")
 
 
 def _sample(args: argparse.Namespace) -> None:
+    from ldm_finetune.core.threads import use_cpu_threads
     from ldm_finetune.generation.sample import SampleSettings, sample_images
 
+    use_cpu_threads()
     written = sample_images(SampleSettings(**{f.name: getattr(args, f.name) for f in fields(SampleSettings)}))
     print(f"{len(written)} images written to {args.out}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from ldm_finetune.core.threads import use_cpu_threads
     from ldm_finetune.evaluation.config import run_config
     from ldm_finetune.evaluation.evaluate import evaluate_folders
 
+    use_cpu_threads()
     if args.config is not None:
         path = run_config(args.config, args.out)
     elif args.real is None or not args.generated:
@@ -325,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "loads its embeddings), optional scale (default 1.0); repeatable")
     p.add_argument("--embedding", action="append", metavar="FILE_OR_DIR",
                    help="Textual Inversion .safetensors, or a folder of them (diffusers or A1111 layout); repeatable")
-    p.add_argument("--prompt", action="append", required=True, metavar="P", help="prompt (repeatable)")
+    p.add_argument("--prompt", action="append", metavar="P",
+                   help="prompt (repeatable; with --dataset, default: the run's concepts)")
     p.add_argument("--negative-prompt", default="", metavar="N", help="what the images should avoid")
     p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses SEED+i (default 0)")
@@ -333,13 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--scheduler", metavar="NAME",
                    help="ddim, ddpm, pndm, euler, euler_a, dpm++ or unipc (default: the model's own)")
-    p.add_argument("--height", type=int, help="image height in px, a multiple of 8 (default: the model's)")
+    p.add_argument("--height", type=int, help="image height in px, a multiple of 8 (default: the model's); beyond "
+                   "the model's native size, drawn from overlapping native-size tiles (MultiDiffusion)")
     p.add_argument("--width", type=int, help="image width in px, a multiple of 8 (default: the model's)")
+    p.add_argument("--tile", type=int, metavar="PX", help="tile side in px for large images (default: the model's "
+                   "native size)")
+    p.add_argument("--tile-overlap", type=float, default=0.5, metavar="F",
+                   help="share of a tile its neighbour also covers (default 0.5; 0 shows seams)")
+    p.add_argument("--seamless", action="store_true",
+                   help="periodic images that tile with themselves, like the weave (circular padding, wrapping tiles)")
     p.add_argument("--grayscale", action="store_true", help="save single-channel PNGs (CT slices are grey)")
     p.add_argument("--format", choices=["png", "tiff"], default="png", help="png (default), or tiff: one grey "
                    "channel in the scanner's units (prep's window inverted; uint16 when it fits), facts in the tag")
     p.add_argument("--window", metavar="LO,HI", help="tiff: the scanner window (default: the one the run recorded; write --window=LO,HI when LO < 0)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--dataset", type=Path, metavar="DIR",
+                   help="instead of --out: a synthetic dataset in prep's layout (metadata.jsonl, synthetic: true) "
+                   "that recipes train on and evaluate reads; a rerun makes only what is missing")
+    p.add_argument("--per-concept", type=int, default=16, metavar="N",
+                   help="--dataset: images per concept (default 16)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("export", help="write a LoRA in the kohya layout, or a single-file checkpoint",
@@ -412,13 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole pipeline on built-in synthetic data (CPU, ~10 min)",
                        description="The main job on the built-in default; no GPU, network or private data needed. "
                        "Synthetic woven-composite CT volumes -> captioned dataset -> LoRA+DreamBooth and Textual "
-                       "Inversion on a tiny random-init SD (accelerate launch) -> generation -> class-conditional "
-                       "pixel DDPM from scratch -> evaluation report (OUT/evaluation/report.html). The tiny SD shows "
-                       "the mechanics only; the pixel DDPM shows real learning.")
+                       "Inversion on the mini base, a small SD pretrained on a procedural world and shipped with the "
+                       "package (accelerate launch) -> generation -> class-conditional pixel DDPM from scratch -> "
+                       "evaluation report (OUT/evaluation/report.html): what each model learned of CT, and what "
+                       "it still draws for other prompts.")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
     p.add_argument("--shape", type=int, nargs=3, default=[96, 192, 256], metavar=("D", "H", "W"),
                    help="dry phantom size (default: 96 192 256)")
-    p.add_argument("--resolution", type=int, default=64, help="slice side in pixels, SD stages (default: 64)")
+    p.add_argument("--resolution", type=int, default=64, help="prep's slice side in pixels (default: 64)")
+    p.add_argument("--sd-resolution", type=int, default=32,
+                   help="side the SD recipes train and generate at: the mini base's own (default: 32)")
     p.add_argument("--sd-steps", type=int, default=100, help="steps of each SD recipe (default: 100)")
     p.add_argument("--ddpm-steps", type=int, default=500, help="steps of the pixel DDPM (default: 500)")
     p.add_argument("--ddpm-resolution", type=int, default=32, help="pixel DDPM side (default: 32)")

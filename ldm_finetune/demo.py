@@ -32,6 +32,7 @@ from data_prep.prep import run_prep, summary_table
 from ldm_finetune.core.classes import class_key
 from ldm_finetune.core.errors import TrainingStopped, UserError
 from ldm_finetune.core.layout import RunLayout
+from ldm_finetune.core.threads import cpu_threads, use_cpu_threads
 from ldm_finetune.evaluation.config import run_config
 from ldm_finetune.generation.generate import GenerateSettings, generate
 from ldm_finetune.training.mini_base import shipped_mini_base
@@ -39,11 +40,21 @@ from ldm_finetune.training.mini_base import shipped_mini_base
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-# LoRA+DreamBooth's four concepts (recipes/lora_dreambooth.yaml) and the classes each one covers in the report
-DREAMBOOTH_PROMPTS = {"dry": "a w17h3r texture", "injected": "a 1nj3C7 texture"}
+# LoRA+DreamBooth's identifiers: the study's (w17h3r dry, 1nj3C7 injected, th1ck thickness, w@rp warp), one token
+# each in the mini base, plus two words of its vocabulary that no world caption uses, as rare to it as the study's,
+# for the state and the cut the study named none for. One concept per class: "a w17h3r th1ck texture".
+STATE_IDENTIFIERS = {"dry": "w17h3r", "dry-compacted": "compressed", "injected": "1nj3C7"}
+ORIENTATION_IDENTIFIERS = {"thickness": "th1ck", "warp": "w@rp", "weft": "weft"}
 
 
-DREAMBOOTH_SAMPLES = ["a w17h3r texture", "a th1ck texture", "a w@rp texture", "a 1nj3C7 texture"]
+def dreambooth_prompt(state: str, orientation: str) -> str:
+    return f"a {STATE_IDENTIFIERS[state]} {ORIENTATION_IDENTIFIERS[orientation]} texture"
+
+
+DREAMBOOTH_PROMPTS = {class_key(st, o): dreambooth_prompt(st, o) for st in STATE_IDENTIFIERS
+                      for o in ORIENTATION_IDENTIFIERS}
+DREAMBOOTH_SAMPLES = [dreambooth_prompt(st, o) for st, o in
+                      (("dry", "thickness"), ("dry-compacted", "warp"), ("injected", "weft"))]
 
 
 # Textual Inversion's initialisers: single tokens of the mini base's vocabulary
@@ -71,7 +82,8 @@ STAGE_OUTPUTS = {"lora-dreambooth": ["runs/lora_dreambooth"], "textual-inversion
 class DemoSettings:
     out: Path = Path("demo_out")
     shape: tuple[int, int, int] = (96, 192, 256)  # dry phantom volume (D, H, W)
-    resolution: int = 64  # prep image side; the SD recipes train at it
+    resolution: int = 64  # prep image side
+    sd_resolution: int = 32  # the SD recipes train and generate at the mini base's own size
     sd_steps: int = 100  # optimizer steps of each SD recipe
     ddpm_steps: int = 500  # optimizer steps of the pixel DDPM
     ddpm_resolution: int = 32
@@ -102,6 +114,7 @@ def run_demo(settings: DemoSettings) -> Path:
             shutil.rmtree(out / stale, ignore_errors=True)
         print(f"\n[{k}/{len(stages)}] {name}: {what}", flush=True)
         started = time.perf_counter()
+        use_cpu_threads()  # for the stages that run in this process (generation, evaluation)
         stage(settings)
         timings[name] = round(time.perf_counter() - started, 1)
         print(f"[{k}/{len(stages)}] {name} done in {timings[name]:.0f} s", flush=True)
@@ -152,14 +165,18 @@ def _mini_base(s: DemoSettings) -> None:
 def _sd_overrides(s: DemoSettings, name: str) -> dict:
     """What turns a shipped SD recipe into a CPU run on the mini base (every other key is the recipe's own)."""
     return {"model.pretrained": s.out / "mini-base", "data.train_dir": s.out / "dataset" / "train",
-            "output_dir": s.out / "runs" / name, "data.resolution": s.resolution, "data.num_workers": 0,
+            "output_dir": s.out / "runs" / name, "data.resolution": s.sd_resolution, "data.num_workers": 0,
             "train.max_steps": s.sd_steps, "train.lr_warmup_steps": min(10, s.sd_steps),
             "train.learning_rate": 1e-3, "train.mixed_precision": "no", "checkpoint.every_steps": "null",
             "validation.every_steps": "null", "validation.num_inference_steps": 20}
 
 
 def _lora_dreambooth(s: DemoSettings) -> None:
-    launch("lora_dreambooth.yaml", _sd_overrides(s, "lora_dreambooth"), s)
+    concepts = ", ".join(f"{{select: {{state: {st}, orientation: {o}}}, num_images: 9, caption: "
+                         f"'{dreambooth_prompt(st, o)}', class_prompt: 'a texture'}}"
+                         for st in STATE_IDENTIFIERS for o in ORIENTATION_IDENTIFIERS)
+    launch("lora_dreambooth.yaml", _sd_overrides(s, "lora_dreambooth") | {
+        "data.concepts": f"[{concepts}]", "validation.prompts": f"[{', '.join(DREAMBOOTH_SAMPLES)}]"}, s)
 
 
 def _textual_inversion(s: DemoSettings) -> None:
@@ -173,11 +190,11 @@ def _textual_inversion(s: DemoSettings) -> None:
 def _generate(s: DemoSettings) -> None:
     model = str(s.out / "mini-base")
     runs = s.out / "runs"
-    jobs = {"lora_dreambooth": GenerateSettings(DREAMBOOTH_SAMPLES, n=2, steps=20, height=s.resolution,
-                                                width=s.resolution, grayscale=True,
+    jobs = {"lora_dreambooth": GenerateSettings(DREAMBOOTH_SAMPLES, n=2, steps=20, height=s.sd_resolution,
+                                                width=s.sd_resolution, grayscale=True,
                                                 loras=[(str(runs / "lora_dreambooth"), 1.0)]),
             "textual_inversion": GenerateSettings([TI_CAPTION.format(token=ti_token(t)) for t in TI_INITIALIZERS],
-                                                  n=2, steps=20, height=s.resolution, width=s.resolution,
+                                                  n=2, steps=20, height=s.sd_resolution, width=s.sd_resolution,
                                                   grayscale=True,
                                                   embeddings=[str(RunLayout(runs / "textual_inversion").embeddings)])}
     for name, job in jobs.items():
@@ -209,7 +226,7 @@ def evaluation_config(s: DemoSettings) -> dict:
         "models": [
             {"name": "mini-base", "kind": "sd", "model": base},
             {"name": "mini-lora-dreambooth", "kind": "sd", "model": base, "loras": [str(runs / "lora_dreambooth")],
-             "concepts": {class_key(st, o): p for st, p in DREAMBOOTH_PROMPTS.items() for o in ORIENTATIONS}},
+             "concepts": DREAMBOOTH_PROMPTS},
             {"name": "mini-textual-inversion", "kind": "sd", "model": base,
              "embeddings": [str(RunLayout(runs / "textual_inversion").embeddings)],
              "concepts": {class_key(st, o): TI_CAPTION.format(token=ti_token(st)) for st in STATES for o in ORIENTATIONS}},
@@ -249,8 +266,10 @@ def launch(recipe: str, overrides: dict, s: DemoSettings) -> None:
     print(f"  $ accelerate launch -m ldm_finetune.train recipes/{recipe} {shown}", flush=True)
     # accelerate launch runs a CPU process with OMP_NUM_THREADS=1 unless told otherwise: measured, the demo's pixel
     # DDPM then takes 1.06 s/step instead of 0.57 s on 2 cores
-    threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)
-    cmd = launch_command(RECIPES / recipe, args, ["--num_cpu_threads_per_process", threads])
+    # and two threads on two cores that another process keeps busy ran ~5x slower than one: core/threads.py
+    threads = cpu_threads()
+    print(f"  ({threads} CPU thread{'s' * (threads > 1)}: the cores free now)", flush=True)
+    cmd = launch_command(RECIPES / recipe, args, ["--num_cpu_threads_per_process", str(threads)])
     log = s.out / "logs" / f"{Path(recipe).stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -18,6 +18,7 @@ from ldm_finetune.core.configtools import to_dict
 from ldm_finetune.core.errors import run_guarded
 from ldm_finetune.training.config import load_config
 from ldm_finetune.training.recipes import train
+from ldm_finetune.core.threads import use_cpu_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,7 @@ def run_from_args(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return
+    use_cpu_threads()  # how many cores are free now (OMP_NUM_THREADS wins: accelerate launch sets it)
     train(cfg)
 
 

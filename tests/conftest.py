@@ -15,6 +15,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # two workers on a 2-core machine: one thread each, or torch's thread pools fight over the cores (the tiny
     # models' many small ops got ~5x slower in the 1000-step sampler test)
     torch.set_num_threads(1)
+    # and so does every process they start, and every command that picks its own count (core/threads.py)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from data_prep.phantom import write_phantoms  # noqa: E402
 from ldm_finetune.cli import main

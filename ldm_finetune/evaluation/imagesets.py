@@ -85,10 +85,17 @@ def _per_class_cap(records, cap: int):
 
 
 def load_generated(folder: Path, name: str, size: int | None) -> ImageSet:
-    """DIR/<state>__<orientation>/*.png (classes known) or DIR/*.png (one unlabelled set)."""
+    """DIR/<state>__<orientation>/*.png (classes known), a folder with prep's metadata.jsonl (`generate --dataset`:
+    classes from its state and orientation columns), or DIR/*.png (one unlabelled set)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--generated {folder}: not a folder")
+    if (folder / "metadata.jsonl").is_file():
+        records = read_records(folder)
+        classes = [row_class(r.meta) if r.meta.get("state") and r.meta.get("orientation") else None
+                   for r in records]
+        paths = [r.path for r in records]
+        return ImageSet(name, _load(paths, size, f"generated images in {folder}"), classes, paths)
     paths, classes = [], []
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and _image_files(p))
     for sub in subfolders:

@@ -16,7 +16,9 @@ from safetensors import safe_open
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path, files_sha256, slug, to_image
 from ldm_finetune.core.layout import RunLayout
+from ldm_finetune.generation.dataset import check_folder, concepts_for, dataset_record, run_concepts, write_dataset
 from ldm_finetune.generation.scanner import run_windows, window_for, write_tiff
+from ldm_finetune.generation.tiled import native_size, plan_tiling, tiled
 from ldm_finetune.models.hub_ids import load_error
 from ldm_finetune.models.stable_diffusion import check_model_source, quiet_loading, render
 from ldm_finetune.sharing.lora import check_lora_fits, lora_file, read_lora
@@ -49,6 +51,9 @@ class GenerateSettings:
     embeddings: list[str] = field(default_factory=list)
     format: str = "png"  # png (8-bit RGB, or grey with grayscale) | tiff (scanner grey levels, see scanner.py)
     window: tuple[float, float] | None = None  # tiff: the scanner window (default: the one the run recorded)
+    tile: int | None = None  # MultiDiffusion tile side in px (default: the model's native size, when larger)
+    tile_overlap: float = 0.5  # share of a tile its neighbour also covers
+    seamless: bool = False  # periodic slices: the image tiles with itself
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -76,7 +81,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as exc:
         if source == model and not Path(source).exists():
@@ -165,10 +170,7 @@ def _facts(model: str, settings: GenerateSettings, pipe) -> dict:
             "generator": "ldm_finetune generate"}
 
 
-def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None) -> list[Path]:
-    """Write OUT/<prompt-slug>_<seed>.png (or .tif in scanner units) for every prompt and seed, and
-    OUT/generation.json with the settings."""
-
+def check_settings(settings: GenerateSettings) -> None:
     if settings.n < 1:
         raise UserError(f"--n {settings.n}: ask for at least one image")
     for side in (settings.height, settings.width):
@@ -176,19 +178,41 @@ def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None)
             raise UserError(f"--height/--width {side}: must be a multiple of 8")
     if settings.format not in ("png", "tiff"):
         raise UserError(f"--format {settings.format!r}: choose png or tiff")
+
+
+def prepared_pipeline(model: str, settings: GenerateSettings, pipe=None):
+    """The pipeline with the sampler, embeddings and LoRAs asked for, and a function drawing one image (H, W, 3)
+    in [0, 1] for (prompt, seed) at the size asked for (tiled beyond the native size)."""
+    if pipe is None:
+        pipe = load_pipeline(model)
+    tiling = plan_tiling(pipe, settings.height, settings.width, settings.tile, settings.tile_overlap,
+                         settings.seamless)
+    set_scheduler(pipe, settings.scheduler)
+    apply_embeddings(pipe, settings.embeddings)
+    apply_loras(pipe, settings.loras)
+    height, width = settings.height or native_size(pipe), settings.width or native_size(pipe)
+
+    def draw(prompts: list[str], seeds: list[int]) -> list[list]:
+        with tiled(pipe, tiling, height, width):
+            return render(pipe, prompts, seeds, settings.steps, settings.guidance, settings.negative_prompt,
+                          height, width)
+
+    return pipe, draw
+
+
+def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None) -> list[Path]:
+    """Write OUT/<prompt-slug>_<seed>.png (or .tif in scanner units) for every prompt and seed, and
+    OUT/generation.json with the settings."""
+
+    check_settings(settings)
     out = Path(out)
     windows = None
     if settings.format == "tiff":  # every prompt's window is settled before anything renders
         recorded = run_windows([model] + [p for p, _ in settings.loras] + settings.embeddings)
         windows = {p: window_for(p, recorded, settings.window) for p in settings.prompts}
-    if pipe is None:
-        pipe = load_pipeline(model)
-    set_scheduler(pipe, settings.scheduler)
-    apply_embeddings(pipe, settings.embeddings)
-    apply_loras(pipe, settings.loras)
+    pipe, draw = prepared_pipeline(model, settings, pipe)
     seeds = [settings.seed + i for i in range(settings.n)]
-    rows = render(pipe, settings.prompts, seeds, settings.steps, settings.guidance, settings.negative_prompt,
-                  settings.height, settings.width)
+    rows = draw(settings.prompts, seeds)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     facts = _facts(model, settings, pipe) if windows else None
@@ -206,3 +230,21 @@ def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None)
     record = {"model": model, **asdict(settings), "files": [p.name for p in written]}
     (out / "generation.json").write_text(json.dumps(record, indent=2))
     return written
+
+
+def generate_dataset(model: str, settings: GenerateSettings, out: str | Path, per_concept: int, pipe=None,
+                     show_progress: bool = True) -> list[Path]:
+    """`--dataset OUT --per-concept N`: N images per concept in prep's layout (generation/dataset.py)."""
+    check_settings(settings)
+    if per_concept < 1:
+        raise UserError(f"--per-concept {per_concept}: ask for at least one image per concept")
+    if settings.format != "png":
+        raise UserError("--dataset writes grey PNGs as prep does (recipes train on them); drop --format tiff")
+    paths = [model] + [p for p, _ in settings.loras] + settings.embeddings
+    concepts = concepts_for(settings.prompts, run_concepts(paths))
+    record = dataset_record(model, settings, paths[1:])
+    check_folder(Path(out), record)  # before minutes of loading
+    pipe, draw = prepared_pipeline(model, settings, pipe)
+    return write_dataset(Path(out), concepts, per_concept, settings.seed,
+                         lambda prompt, seed: draw([prompt], [seed])[0][0], record, run_windows(paths),
+                         show_progress)

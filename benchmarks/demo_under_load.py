@@ -1,0 +1,73 @@
+"""The demo's wall time on an idle machine and beside one busy neighbour process, in one run (the machines are noisy,
+so both are measured back to back), with the thread counts the demo chose (core/threads.py).
+
+    python benchmarks/demo_under_load.py            # the default demo, twice
+    python benchmarks/demo_under_load.py --neighbour-threads 2
+
+The neighbour is a process that keeps `--neighbour-threads` cores busy with matrix products (another training job,
+say). Goal (issue 23): loaded time <= 2x idle time on 2 cores. Results: results/demo_under_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+NEIGHBOUR = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+a = torch.randn(512, 512)
+while True:
+    a = torch.tanh(a @ a)
+"""
+
+
+def run_demo(out: Path, extra: list[str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # let the demo choose
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "ldm_finetune.cli", "demo", "--out", str(out), "--quiet", *extra],
+                            capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    if result.returncode:
+        raise SystemExit(f"demo failed: {result.stderr[-2000:]}")
+    stages = json.loads((out / "demo.json").read_text())["seconds"]
+    threads = re.findall(r"\((\d+) CPU threads?", result.stdout)
+    return {"seconds": round(seconds, 1), "stages": stages, "training_threads": [int(t) for t in threads]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--neighbour-threads", type=int, default=1)
+    parser.add_argument("demo_args", nargs="*", help="extra `ldm-finetune demo` flags")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        idle = run_demo(Path(tmp) / "idle", args.demo_args)
+        print("idle", idle, flush=True)
+        neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, str(args.neighbour_threads)])
+        try:
+            time.sleep(3)
+            loaded = run_demo(Path(tmp) / "loaded", args.demo_args)
+        finally:
+            neighbour.kill()
+        print("loaded", loaded, flush=True)
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "neighbour_threads": args.neighbour_threads,
+              "demo_args": args.demo_args, "idle": idle, "loaded": loaded,
+              "loaded_over_idle": round(loaded["seconds"] / idle["seconds"], 2)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "demo_under_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Large fields of view from a model trained at one size (generation/tiled.py), on the CPU: the mini base (native
+32 px) with a CT LoRA trained here on the phantom's slices.
+
+    python benchmarks/tiled_generation.py                 # trains the LoRA (a few minutes), then measures
+    python benchmarks/tiled_generation.py --lora RUN_DIR  # an existing LoRA run on the mini base
+
+Measures, each in one run:
+- seam score (evaluation.metrics.seam_score): mean grey step across the joins of side-by-side 32 px tiles ÷ the same
+  away from them, on 256 x 64 fields; MultiDiffusion (overlap 0.5) against side-by-side tiles (overlap 0) on the same
+  seeds, and across the wrap edge with and without --seamless, next to a reference: the same score on interior lines
+  chosen at random (what "no seam" scores with this many images);
+- fidelity of crops: 32 px crops of 128 x 128 fields against native 32 px generations of the same prompt, both scored
+  by the evaluation stage against the real slices, in real-vs-real floors;
+- time and peak memory (RSS, in a fresh process per size) against output area, tiled and, for reference, the plain
+  pipeline running its UNet at the full size;
+- sampling throughput of `generate` against plain diffusers doing the same work (scheduler, steps, batch, size).
+Results: results/tiled_generation_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data_prep.config import PrepConfig, VolumeSpec  # noqa: E402
+from data_prep.phantom import STATES, write_phantoms  # noqa: E402
+from data_prep.prep import run_prep  # noqa: E402
+from ldm_finetune.evaluation.evaluate import evaluate_folders  # noqa: E402
+from ldm_finetune.evaluation.metrics import seam_score  # noqa: E402
+from ldm_finetune.generation.generate import GenerateSettings, load_pipeline, prepared_pipeline  # noqa: E402
+from ldm_finetune.generation.tiled import Tiling, tile_joins  # noqa: E402
+from ldm_finetune.training.mini_base import shipped_mini_base  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+PROMPTS = ["sf_dry sf_thickness", "sf_dry-compacted sf_warp", "sf_injected sf_weft"]  # prep's default captions
+CLASS = ("dry", "thickness")
+
+
+def phantom_data(work: Path) -> Path:
+    volumes = write_phantoms(work / "volumes", (96, 192, 256), seed=0)
+    run_prep(PrepConfig(volumes=[VolumeSpec(s, volumes[s]) for s in STATES], out=work / "data", resolution=32),
+             show_progress=False)
+    return work / "data"
+
+
+def train_lora(base: Path, data: Path, out: Path, steps: int) -> Path:
+    overrides = {"model.pretrained": base, "data.train_dir": data / "train", "output_dir": out,
+                 "data.resolution": 32, "data.num_workers": 0, "train.max_steps": steps, "train.batch_size": 8,
+                 "train.learning_rate": 1e-3, "train.lr_warmup_steps": 10, "train.mixed_precision": "no",
+                 "lora.targets": "[attention,feedforward,resnet]", "validation.prompts": "[]",
+                 "checkpoint.every_steps": "null", "logging.report_to": "none"}
+    cmd = [sys.executable, "-m", "ldm_finetune.train", str(ROOT / "recipes" / "lora.yaml"),
+           *[f"{k}={v}" for k, v in overrides.items()]]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+def draw_fn(base: Path, lora: Path, **size):
+    settings = GenerateSettings([], steps=20, guidance=4.0, loras=[(str(lora), 1.0)], **size)
+    _, draw = prepared_pipeline(str(base), settings, load_pipeline(str(base), device="cpu"))
+    return draw
+
+
+def seams(base: Path, lora: Path, seeds: list[int]) -> dict:
+    out = {}
+    naive_rows, naive_columns = tile_joins(64, 256, Tiling(32, 32, 0.0), 4)
+    rng = np.random.default_rng(0)
+    for name, flags in (("multidiffusion", {}), ("side_by_side", {"tile_overlap": 0.0}),
+                        ("seamless", {"seamless": True})):
+        images = [i for row in draw_fn(base, lora, height=64, width=256, **flags)(PROMPTS, seeds) for i in row]
+        lines = [([int(rng.integers(1, 64))], [int(rng.integers(1, 256))]) for _ in images]
+        out[name] = {"seam_score_at_tile_joins": float(np.mean([seam_score(i, naive_rows, naive_columns)
+                                                                 for i in images])),
+                     "seam_score_wrap_edge": float(np.mean([seam_score(i, [0], [0]) for i in images])),
+                     "seam_score_random_interior_line": float(np.mean([seam_score(i, r, c)
+                                                                        for i, (r, c) in zip(images, lines)])),
+                     "images": len(images)}
+    return out
+
+
+def crops_against_native(base: Path, lora: Path, data: Path, work: Path, n: int) -> dict:
+    from PIL import Image
+
+    folders = {}
+    native = draw_fn(base, lora, height=32, width=32)([PROMPTS[0]], list(range(n)))[0]
+    fields = draw_fn(base, lora, height=128, width=128)([PROMPTS[0]], list(range(n // 16)))[0]
+    crops = [f[y:y + 32, x:x + 32] for f in fields for y in range(0, 128, 32) for x in range(0, 128, 32)]
+    for name, images in (("native", native), ("crops", crops)):
+        folder = work / name / f"{CLASS[0]}__{CLASS[1]}"
+        folder.mkdir(parents=True)
+        for i, image in enumerate(images):
+            Image.fromarray((image.mean(-1) * 255).round().astype(np.uint8)).save(folder / f"{i:04d}.png")
+        folders[name] = work / name
+    evaluate_folders(data, list(folders.values()), work / "eval", None, 128, rounds=5)
+    entry = json.loads((work / "eval" / "metrics.json").read_text())["fidelity"]["/".join(CLASS)]
+    floor = entry["floor"]
+    ratios = {}
+    for name in folders:
+        values = entry["models"][name]["values"]
+        ratios[name] = {k: values[k] / floor[k] for k in floor if not k.startswith("prdc") and floor[k] > 0}
+        ratios[name]["mean"] = float(np.mean(list(ratios[name].values())))
+    return {"images": {"native": len(native), "crops": len(crops)}, "ratio_to_floor": ratios,
+            "crops_over_native": ratios["crops"]["mean"] / ratios["native"]["mean"]}
+
+
+CHILD = """
+import json, resource, sys, time, torch
+torch.set_num_threads(1)
+from ldm_finetune.generation.generate import GenerateSettings, load_pipeline, prepared_pipeline
+base, lora, side, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+pipe = load_pipeline(base, device="cpu")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+settings = GenerateSettings([], steps=10, guidance=4.0, loras=[(lora, 1.0)], height=side, width=side)
+if mode == "plain":  # the UNet at the full size, as diffusers runs it without tiles
+    from ldm_finetune.generation import generate
+    generate.plan_tiling = lambda *a, **k: None
+_, draw = prepared_pipeline(base, settings, pipe)
+started = time.perf_counter()
+draw(["sf_dry sf_thickness"], [0])
+seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "growth_mb": (peak - before) / 1024}))
+"""
+
+
+def scaling(base: Path, lora: Path, sides: list[int]) -> list[dict]:
+    rows = []
+    for mode in ("tiled", "plain"):
+        for side in sides:
+            out = subprocess.run([sys.executable, "-c", CHILD, str(base), str(lora), str(side), mode],
+                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            rows.append({"mode": mode, "side": side, "area": side * side, **json.loads(out.stdout.splitlines()[-1])})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def throughput(base: Path, lora: Path, batch: int, rounds: int) -> dict:
+    """images/s of generate's drawing vs diffusers' pipeline called directly (same scheduler, steps, batch, size),
+    interleaved so that load on the machine hits both alike."""
+    settings = GenerateSettings([], steps=20, guidance=4.0, loras=[(str(lora), 1.0)])
+    pipe, draw = prepared_pipeline(str(base), settings, load_pipeline(str(base), device="cpu"))
+    seeds = list(range(batch))
+
+    def ours():
+        draw([PROMPTS[0]], seeds)
+
+    def plain():
+        pipe(PROMPTS[0], num_inference_steps=20, guidance_scale=4.0, num_images_per_prompt=batch,
+             generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np")
+
+    times = {"ours": [], "diffusers": []}
+    ours(), plain()  # warm-up
+    for _ in range(rounds):
+        for name, fn in (("ours", ours), ("diffusers", plain)):
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    best = {k: min(v) for k, v in times.items()}
+    return {"batch": batch, "steps": 20, "size": 32, "seconds_best": best,
+            "ours_over_diffusers_throughput": best["diffusers"] / best["ours"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lora", type=Path, help="an existing LoRA run on the mini base (default: train one)")
+    parser.add_argument("--lora-steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--sides", type=int, nargs="+", default=[64, 128, 256, 512])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    base = shipped_mini_base()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = phantom_data(work)
+        started = time.perf_counter()
+        lora = args.lora or train_lora(base, data, work / "lora", args.lora_steps)
+        lora_seconds = time.perf_counter() - started
+        result = {"machine": f"{platform.machine()}, 1 thread", "torch": torch.__version__,
+                  "lora": {"steps": None if args.lora else args.lora_steps, "seconds": round(lora_seconds, 1),
+                           "targets": "attention, feedforward, resnet", "rank": 16},
+                  "seams_256x64": seams(base, lora, list(range(args.seeds))),
+                  "crops_128px_vs_native_32px": crops_against_native(base, lora, data, work / "crops", 64),
+                  "throughput_vs_diffusers": throughput(base, lora, 8, 3),
+                  "scaling": scaling(base, lora, args.sides)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tiled_generation_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "scaling"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
