@@ -8,7 +8,9 @@ import torch
 
 from ldm_finetune.data.world import (
     CLASS_NOUN,
+    CLASS_PROMPTS,
     KINDS,
+    TEXTURES,
     WorldItem,
     draw,
     parse_prompt,
@@ -26,8 +28,12 @@ def test_the_world_is_seeded_and_captions_parse_back_to_their_truth():
     assert np.array_equal(a, b) and a.shape == (64, 32, 32, 3) and 0 <= a.min() and a.max() <= 1
     for item in items:
         parsed = parse_prompt(item.caption)
+        if item.caption in CLASS_PROMPTS:  # the bare class noun asks for any texture
+            assert parsed.kind == CLASS_NOUN and item.kind in TEXTURES
+            continue
         assert (parsed.kind, parsed.colour, parsed.background) == (item.kind, item.colour, item.background)
     assert any(CLASS_NOUN in it.caption for it in items) and {it.kind for it in items} == set(KINDS)
+    assert {it.caption for it in items} >= set(CLASS_PROMPTS)
 
 
 def test_world_prompts_cover_every_kind_and_the_vocabulary_holds_them():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -76,6 +77,10 @@ def _add_tokens(tokenizer: CLIPTokenizer, added: list[str], out: Path) -> CLIPTo
     tokenizer.add_tokens(added)
     with atomic_dir(out, overwrite=True) as tmp:
         tokenizer.save_pretrained(tmp)
+        # transformers 5 saves tokenizer.json only; older ones (and CLIP's slow tokenizer) read vocab.json and
+        # merges.txt, which added tokens leave unchanged (they are listed in tokenizer_config.json)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(out / name, tmp / name)
     return CLIPTokenizer.from_pretrained(out)
 
 

@@ -74,7 +74,7 @@ class MiniBaseSettings:
     lr: float = 1e-3
     world_images: int = 8192  # distinct world images the text-to-image phase sees
     caption_dropout: float = 0.1
-    probe_steps: int = 800
+    probe_steps: int = 1200  # 800 read 97.5 % of fresh world images right once class-noun captions came in; 1200: 99.6 %
     eval_seeds: int = 2  # generations per world prompt when scoring the base
     guidance: float = 4.0
     arch: MiniArchitecture = field(default_factory=MiniArchitecture)
