@@ -39,7 +39,7 @@ def test_one_tile_is_the_plain_pipeline(mini):
     plain = render(mini, PROMPTS[:1], [0], 8, 4.0, height=32, width=32)[0][0]
     with tiled(mini, Tiling(32, 32), 32, 32):
         one = render(mini, PROMPTS[:1], [0], 8, 4.0, height=32, width=32)[0][0]
-    assert np.abs(plain - one).max() < 1e-5
+    assert np.abs(plain - one).max() < 1e-4  # float rounding of the blend over 8 steps; a wrong blend is ~0.1
     assert "forward" not in mini.unet.__dict__  # the UNet is itself again
 
 
