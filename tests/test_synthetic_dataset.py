@@ -22,10 +22,9 @@ LORA_YAML = Path(__file__).parent.parent / "recipes" / "lora.yaml"
 @pytest.fixture(scope="module")
 def lora_run(prep_dataset, tmp_path_factory):
     """A real (two-step) LoRA run on the mini base over the nine classes of the prep fixture."""
-    import os
-
-    os.environ.setdefault("LDM_FINETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    base = shipped_mini_base()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LDM_FINETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        base = shipped_mini_base()  # unpacked into that cache; the folder stays for the module's tests
     run = tmp_path_factory.mktemp("run") / "lora"
     assert train_main([str(LORA_YAML), *lora_overrides(base, prep_dataset / "train", run, **{
         "train.max_steps": 2})]) == 0

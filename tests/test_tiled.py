@@ -18,10 +18,9 @@ PROMPTS = ["a striped texture", "a dotted texture"]
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
-    import os
-
-    os.environ.setdefault("LDM_FINETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    return load_pipeline(str(shipped_mini_base()), device="cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LDM_FINETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return load_pipeline(str(shipped_mini_base()), device="cpu")
 
 
 def test_tiles_cover_the_canvas_and_wrap_only_when_seamless():

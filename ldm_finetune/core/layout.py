@@ -61,6 +61,10 @@ class RunLayout:
         self.lock = self.root / ".run.lock"  # held (flock) while a run writes here
         self.finished = self.root / "training_finished.json"  # written when a run has reached its last step
 
+    def adapter_files(self) -> list[Path]:
+        """The run's LoRA (diffusers layout) and embedding files that exist: what it adds to its base model."""
+        return [f for f in [self.lora, *sorted(self.embeddings.glob("*.safetensors"))] if f.is_file()]
+
     def sample_grid(self, tag: str) -> Path:
         return self.samples / f"{tag}.png"
 

@@ -89,15 +89,8 @@ def model_sha256(model: str, paths: list[str]) -> str:
     """One hash for everything that draws the images: the base UNet's weights (or the hub id) and every LoRA /
     embedding file."""
     unet = sorted((Path(model) / "unet").glob("*.safetensors")) if Path(model).is_dir() else []
-    files = unet + [f for p in map(Path, paths) for f in _weight_files(p)]
+    files = unet + [f for p in map(Path, paths) for f in ([p] if p.is_file() else RunLayout(p).adapter_files())]
     return files_sha256(files) if files else hashlib.sha256(model.encode()).hexdigest()
-
-
-def _weight_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    layout = RunLayout(path)
-    return [f for f in [layout.lora, *sorted(layout.embeddings.glob("*.safetensors"))] if f.is_file()]
 
 
 def check_folder(out: Path, record: dict) -> None:

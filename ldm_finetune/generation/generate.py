@@ -18,9 +18,9 @@ from ldm_finetune.core.io import atomic_path, files_sha256, slug, to_image
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.generation.dataset import check_folder, concepts_for, dataset_record, run_concepts, write_dataset
 from ldm_finetune.generation.scanner import run_windows, window_for, write_tiff
-from ldm_finetune.generation.tiled import native_size, plan_tiling, tiled
+from ldm_finetune.generation.tiled import plan_tiling, tiled
 from ldm_finetune.models.hub_ids import load_error
-from ldm_finetune.models.stable_diffusion import check_model_source, quiet_loading, render
+from ldm_finetune.models.stable_diffusion import check_model_source, native_side, quiet_loading, render
 from ldm_finetune.sharing.lora import check_lora_fits, lora_file, read_lora
 
 # Sampler name -> diffusers scheduler class name, all built from the model's own scheduler config.
@@ -190,7 +190,7 @@ def prepared_pipeline(model: str, settings: GenerateSettings, pipe=None):
     set_scheduler(pipe, settings.scheduler)
     apply_embeddings(pipe, settings.embeddings)
     apply_loras(pipe, settings.loras)
-    height, width = settings.height or native_size(pipe), settings.width or native_size(pipe)
+    height, width = settings.height or native_side(pipe), settings.width or native_side(pipe)
 
     def draw(prompts: list[str], seeds: list[int]) -> list[list]:
         with tiled(pipe, tiling, height, width):

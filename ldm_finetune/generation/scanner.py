@@ -67,7 +67,7 @@ def _headers(path: Path) -> list[str]:
         meta = path / "training_metadata.json"
         if meta.is_file():
             return [w for w in [json.loads(meta.read_text()).get(WINDOWS_KEY)] if w]
-        files = [RunLayout(path).lora, *sorted(RunLayout(path).embeddings.glob("*.safetensors"))]
+        files = RunLayout(path).adapter_files()
     else:
         files = [path]
     headers = [file_header(f) for f in files if f.is_file() and f.suffix == ".safetensors"]

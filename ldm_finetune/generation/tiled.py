@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ldm_finetune.core.errors import UserError
+from ldm_finetune.models.stable_diffusion import native_side
 
 TILE_SAMPLES = 16  # tile samples per UNet call (tiles x images x 2 for guidance): bounds memory; batching is what
 # makes small tiles fast
@@ -43,16 +44,11 @@ class Tiling:
     seamless: bool = False
 
 
-def native_size(pipe) -> int:
-    """The side, in pixels, the UNet was trained at (diffusers' default height and width)."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
 def plan_tiling(pipe, height: int | None, width: int | None, tile: int | None, overlap: float,
                 seamless: bool) -> Tiling | None:
     """The tiling for an output of height x width, or None when the plain pipeline draws it (native size or less,
     no --tile, not seamless). Bad combinations are one-line errors."""
-    native = native_size(pipe)
+    native = native_side(pipe)
     height, width = height or native, width or native
     step = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)  # the UNet's latent stride
     if tile is not None and (tile <= 0 or tile % step):
@@ -87,26 +83,32 @@ def tent(n: int) -> torch.Tensor:
     return torch.minimum(i + 0.5, n - i - 0.5)
 
 
+def tile_grid(tiling: Tiling, factor: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((tile, stride) down the rows, (tile, stride) across the columns), in latent pixels."""
+    return tuple((t // factor, max(1, round(t // factor * (1 - tiling.overlap))))
+                 for t in (tiling.tile_h, tiling.tile_w))
+
+
 def windows(height: int, width: int, tiling: Tiling, factor: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(rows, columns) latent index tensors of every tile; indices wrap modulo the canvas when seamless."""
-    out = []
-    th, tw = tiling.tile_h // factor, tiling.tile_w // factor
-    sh, sw = (max(1, round(t * (1 - tiling.overlap))) for t in (th, tw))
-    for y in starts(height, th, sh, tiling.seamless):
-        for x in starts(width, tw, sw, tiling.seamless):
-            out.append((torch.arange(y, y + th) % height, torch.arange(x, x + tw) % width))
-    return out
+    (th, sh), (tw, sw) = tile_grid(tiling, factor)
+    return [(torch.arange(y, y + th) % height, torch.arange(x, x + tw) % width)
+            for y in starts(height, th, sh, tiling.seamless) for x in starts(width, tw, sw, tiling.seamless)]
 
 
 def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int):
     """A forward for `unet` that predicts a canvas of any size from native-size tiles (see the module docstring)."""
     forward = unet.forward  # bound: whatever forward the UNet has now (hooks included)
+    (th, _), (tw, _) = tile_grid(tiling, factor)
+    weight = tent(th)[:, None] * tent(tw)[None, :]
+    layouts = {}  # canvas (height, width) -> its tiles: the same at every step
 
     def blended(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         batch, _, height, width = sample.shape
-        tiles = windows(height, width, tiling, factor)
-        weight = tent(len(tiles[0][0]))[:, None] * tent(len(tiles[0][1]))[None, :]
-        weight = weight.to(sample.device, sample.dtype)
+        if (height, width) not in layouts:
+            layouts[height, width] = windows(height, width, tiling, factor)
+        tiles = layouts[height, width]
+        weight_here = weight.to(sample.device, sample.dtype)
         total = torch.zeros_like(sample)
         weights = torch.zeros(height, width, device=sample.device, dtype=sample.dtype)
         per_call = max(1, TILE_SAMPLES // batch)
@@ -116,8 +118,8 @@ def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int):
             context = encoder_hidden_states.repeat(len(group), *[1] * (encoder_hidden_states.dim() - 1))
             predicted = forward(crops, timestep, context, *args, return_dict=False, **kwargs)[0]
             for (rows, columns), prediction in zip(group, predicted.split(batch)):
-                total[:, :, rows[:, None], columns] += prediction * weight
-                weights[rows[:, None], columns] += weight
+                total[:, :, rows[:, None], columns] += prediction * weight_here
+                weights[rows[:, None], columns] += weight_here
         blended_prediction = total / weights
         return UNet2DConditionOutput(sample=blended_prediction) if return_dict else (blended_prediction,)
 
@@ -169,7 +171,7 @@ def tiled(pipe, tiling: Tiling | None, height: int, width: int):
         return
     unet, vae, factor = pipe.unet, pipe.vae, pipe.vae_scale_factor
     single_h, single_w = tiling.tile_h >= height, tiling.tile_w >= width  # one tile spans that axis
-    decode_whole = tiling.seamless or max(height, width) <= native_size(pipe)
+    decode_whole = tiling.seamless or max(height, width) <= native_side(pipe)
     if not decode_whole:
         vae.enable_tiling()
     try:
@@ -185,10 +187,8 @@ def tiled(pipe, tiling: Tiling | None, height: int, width: int):
 def tile_joins(height: int, width: int, tiling: Tiling, factor: int) -> tuple[list[int], list[int]]:
     """Pixel rows and columns where a tile begins or ends inside the image (the canvas edges excluded): where a seam
     would show."""
-    th, tw = tiling.tile_h // factor, tiling.tile_w // factor
-    sh, sw = (max(1, round(t * (1 - tiling.overlap))) for t in (th, tw))
     joins = []
-    for size, tile, stride in ((height // factor, th, sh), (width // factor, tw, sw)):
+    for size, (tile, stride) in zip((height // factor, width // factor), tile_grid(tiling, factor)):
         edges = {(e % size) * factor for s in starts(size, tile, stride, tiling.seamless) for e in (s, s + tile)}
         joins.append(sorted(edges - {0}))
     return joins[0], joins[1]
