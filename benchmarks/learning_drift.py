@@ -38,7 +38,8 @@ from ldm_finetune.data.world import TEXTURES, world_prompts
 from ldm_finetune.evaluation import metrics as M
 from ldm_finetune.evaluation.registry import distance_in_floors
 from ldm_finetune.train import main as train_main
-from ldm_finetune.training.mini_base import load_probe, shipped_mini_base
+from ldm_finetune.models.world_probe import load_probe
+from ldm_finetune.training.mini_base import shipped_mini_base
 
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"

@@ -28,7 +28,8 @@ from data_prep.phantom import STATES, write_phantoms
 from data_prep.prep import run_prep
 from ldm_finetune.data.world import world_samples
 from ldm_finetune.training.fit import fit
-from ldm_finetune.training.mini_base import MiniBaseSettings, VaeTask, build_mini_base, load_probe, vae_phase_config
+from ldm_finetune.models.world_probe import load_probe
+from ldm_finetune.training.mini_base import MiniBaseSettings, VaeTask, build_mini_base, vae_phase_config
 
 RESULTS = Path(__file__).parent / "results"
 

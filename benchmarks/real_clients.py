@@ -427,7 +427,7 @@ def _fmt(x) -> str:
 
 
 def markdown_table(out: dict) -> str:
-    """The README's table: one row per base and file, ComfyUI and kohya side by side."""
+    """docs/sharing.md's table: one row per base and file, ComfyUI and kohya side by side."""
     rows = ["| base | file | ComfyUI | kohya sd-scripts |", "|---|---|---|---|"]
     comfy, kohya_ = (out.get(c, {}).get("per_base", {}) for c in ("comfyui", "kohya"))
     for arch in out["archs"]:

@@ -67,9 +67,12 @@ def train_lora(base: Path, data: Path, out: Path, steps: int) -> Path:
     return out
 
 
-def draw_fn(base: Path, lora: Path, **size):
+def draw_fn(base: Path, lora: Path, vae_whole: bool = False, **size):
     settings = GenerateSettings([], steps=20, guidance=4.0, loras=[(str(lora), 1.0)], **size)
-    _, draw = prepared_pipeline(str(base), settings, load_pipeline(str(base), device="cpu"))
+    pipe = load_pipeline(str(base), device="cpu")
+    if vae_whole:  # a diagnosis: keep the VAE from decoding in its own blended tiles
+        pipe.vae.enable_tiling = lambda *a, **k: None
+    _, draw = prepared_pipeline(str(base), settings, pipe)
     return draw
 
 
@@ -90,14 +93,25 @@ def seams(base: Path, lora: Path, seeds: list[int]) -> dict:
     return out
 
 
+# the crops' variants: how the tiles are blended, and whether the VAE decodes the field whole or in its own tiles
+CROP_VARIANTS = {"overlap_0.5": {}, "overlap_0.25": {"tile_overlap": 0.25}, "side_by_side": {"tile_overlap": 0.0},
+                 "overlap_0.5_vae_whole": {"vae_whole": True}}
+
+
 def crops_against_native(base: Path, lora: Path, data: Path, work: Path, n: int) -> dict:
+    """32 px crops of 128 px fields and native 32 px generations of one prompt, all scored in one evaluation (the
+    same real-vs-real floors), as ratios to those floors."""
     from PIL import Image
 
+    sets = {"native": draw_fn(base, lora, height=32, width=32)([PROMPTS[0]], list(range(n)))[0]}
+    for name, flags in CROP_VARIANTS.items():
+        flags = dict(flags)
+        vae_whole = flags.pop("vae_whole", False)
+        draw = draw_fn(base, lora, height=128, width=128, vae_whole=vae_whole, **flags)
+        fields = draw([PROMPTS[0]], list(range(n // 16)))[0]
+        sets[name] = [f[y:y + 32, x:x + 32] for f in fields for y in range(0, 128, 32) for x in range(0, 128, 32)]
     folders = {}
-    native = draw_fn(base, lora, height=32, width=32)([PROMPTS[0]], list(range(n)))[0]
-    fields = draw_fn(base, lora, height=128, width=128)([PROMPTS[0]], list(range(n // 16)))[0]
-    crops = [f[y:y + 32, x:x + 32] for f in fields for y in range(0, 128, 32) for x in range(0, 128, 32)]
-    for name, images in (("native", native), ("crops", crops)):
+    for name, images in sets.items():
         folder = work / name / f"{CLASS[0]}__{CLASS[1]}"
         folder.mkdir(parents=True)
         for i, image in enumerate(images):
@@ -111,27 +125,35 @@ def crops_against_native(base: Path, lora: Path, data: Path, work: Path, n: int)
         values = entry["models"][name]["values"]
         ratios[name] = {k: values[k] / floor[k] for k in floor if not k.startswith("prdc") and floor[k] > 0}
         ratios[name]["mean"] = float(np.mean(list(ratios[name].values())))
-    return {"images": {"native": len(native), "crops": len(crops)}, "ratio_to_floor": ratios,
-            "crops_over_native": ratios["crops"]["mean"] / ratios["native"]["mean"]}
+    return {"images": {name: len(images) for name, images in sets.items()}, "ratio_to_floor": ratios,
+            "crops_over_native": {name: ratios[name]["mean"] / ratios["native"]["mean"] for name in CROP_VARIANTS}}
 
 
 CHILD = """
-import json, resource, sys, time, torch
+import ctypes, gc, json, re, sys, time, torch
 torch.set_num_threads(1)
 from ldm_finetune.generation.generate import GenerateSettings, load_pipeline, prepared_pipeline
+
+def status_kb(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
 base, lora, side, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 pipe = load_pipeline(base, device="cpu")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 settings = GenerateSettings([], steps=10, guidance=4.0, loras=[(lora, 1.0)], height=side, width=side)
 if mode == "plain":  # the UNet at the full size, as diffusers runs it without tiles
     from ldm_finetune.generation import generate
     generate.plan_tiling = lambda *a, **k: None
 _, draw = prepared_pipeline(base, settings, pipe)
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed loading buffers back, so sampling cannot hide in them
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak-RSS counter (VmHWM) here, after loading
+held = status_kb("VmRSS")
 started = time.perf_counter()
 draw(["sf_dry sf_thickness"], [0])
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "growth_mb": (peak - before) / 1024}))
+peak = status_kb("VmHWM")
+print(json.dumps({"seconds": seconds, "rss_before_mb": held / 1024, "peak_rss_mb": peak / 1024,
+                  "sampling_peak_mb": (peak - held) / 1024}))
 """
 
 
@@ -178,25 +200,38 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--sides", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
+                        help="measure only these; the other parts' recorded results are kept")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = shipped_mini_base()
+    path = RESULTS / "tiled_generation_cpu.json"
+    result = json.loads(path.read_text()) if path.is_file() and set(args.parts) != set(PARTS) else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = phantom_data(work)
         started = time.perf_counter()
         lora = args.lora or train_lora(base, data, work / "lora", args.lora_steps)
         lora_seconds = time.perf_counter() - started
-        result = {"machine": f"{platform.machine()}, 1 thread", "torch": torch.__version__,
-                  "lora": {"steps": None if args.lora else args.lora_steps, "seconds": round(lora_seconds, 1),
-                           "targets": "attention, feedforward, resnet", "rank": 16},
-                  "seams_256x64": seams(base, lora, list(range(args.seeds))),
-                  "crops_128px_vs_native_32px": crops_against_native(base, lora, data, work / "crops", 64),
-                  "throughput_vs_diffusers": throughput(base, lora, 8, 3),
-                  "scaling": scaling(base, lora, args.sides)}
+        result |= {"machine": f"{platform.machine()}, 1 thread", "torch": torch.__version__,
+                   "lora": {"steps": None if args.lora else args.lora_steps, "seconds": round(lora_seconds, 1),
+                            "targets": "attention, feedforward, resnet", "rank": 16}}
+        for part in args.parts:
+            name, measure = PARTS[part]
+            result[name] = measure(args, base, lora, data, work)
+            print(name, json.dumps(result[name])[:2000], flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tiled_generation_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "scaling"}, indent=2))
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+# part -> (result key, measure(args, base, lora, data, work))
+PARTS = {
+    "seams": ("seams_256x64", lambda a, base, lora, data, work: seams(base, lora, list(range(a.seeds)))),
+    "crops": ("crops_128px_vs_native_32px",
+              lambda a, base, lora, data, work: crops_against_native(base, lora, data, work / "crops", 64)),
+    "throughput": ("throughput_vs_diffusers", lambda a, base, lora, data, work: throughput(base, lora, 8, 3)),
+    "scaling": ("scaling", lambda a, base, lora, data, work: scaling(base, lora, a.sides)),
+}
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class PrepConfig:
     orientations: list[Literal["thickness", "warp", "weft"]] = field(default_factory=lambda: list(ORIENTATIONS))
     warp_axis: Literal["y", "x"] = "y"  # warp images are planes at fixed y (the study's volumes) or fixed x
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # voxel size (z, y, x), any unit
+    spacing_unit: Optional[str] = None  # the unit of spacing ("um", "mm", ...); None: voxels, or unnamed if spacing is set
     bits: Literal[8, 16] = 8  # PNG bit depth
     window: Union[Literal["auto", "shared"], tuple[float, float]] = "auto"  # per volume, pooled, or fixed [lo, hi]
     percentiles: tuple[float, float] = (0.5, 99.5)  # for auto/shared windows
@@ -108,6 +109,13 @@ class PrepConfig:
 
     def volume_warp_axis(self, v: VolumeSpec) -> str:
         return v.warp_axis or self.warp_axis
+
+    def pixel_unit(self, v: VolumeSpec) -> str:
+        """The unit a slice's pixel size is given in: spacing_unit, else 'voxel' while no spacing was given (a pixel
+        size of 2 means each pixel spans two source voxels)."""
+        if self.spacing_unit:
+            return self.spacing_unit
+        return "voxel" if v.spacing is None and self.spacing == (1.0, 1.0, 1.0) else "spacing unit"
 
     def z_scale(self, v: VolumeSpec) -> float:
         """Depth spacing relative to in-plane spacing: depth rows are stretched by this factor."""

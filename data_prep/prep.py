@@ -156,12 +156,15 @@ def _cut(cfg: PrepConfig, job: Job, tmp: Path, rows: dict, bar) -> dict:
     settings = CutSettings(cfg.resolution, cfg.bits, job.window, cfg.z_scale(job.spec),
                            cfg.volume_warp_axis(job.spec), cfg.memory_budget_mb << 20)
     source = job.spec.path.name
+    in_plane = (job.spec.spacing or cfg.spacing)[2]
+    pixel_unit = cfg.pixel_unit(job.spec)
 
     def emit(tile: Tile, image) -> None:
         r0, _, c0, _ = tile.box
         name = f"{job.prefix}_{tile.orientation}_{tile.index:05d}_{r0:04d}x{c0:04d}.png"
         write_png(tmp / tile.split / name, image)
         fp = tile.footprint
+        pixel_size = float(f"{in_plane * job.sides[tile.orientation] / cfg.resolution:.6g}")
         rows[tile.split].append({
             "file_name": name,
             "text": caption(cfg.captions.template, job.spec.state, tile.orientation,
@@ -172,6 +175,9 @@ def _cut(cfg: PrepConfig, job: Job, tmp: Path, rows: dict, bar) -> dict:
             "tile_box": list(tile.box),
             "footprint": [fp.z0, fp.z1, fp.y0, fp.y1, fp.x0, fp.x1],
             "scale": cfg.resolution / job.sides[tile.orientation],
+            # one pixel's side in the volume's spacing unit (in-plane spacing over the resize factor)
+            "pixel_size": pixel_size,
+            "pixel_unit": pixel_unit,
             "window": list(job.window),
             "source": source,
         })

@@ -66,6 +66,7 @@ def _prep_settings(args: argparse.Namespace) -> dict:
     simple = {
         "out": args.out, "resolution": args.resolution, "tile_size": args.tile_size, "bits": args.bits,
         "warp_axis": args.warp_axis, "memory_budget_mb": args.memory_budget, "sample_pages": args.sample_pages,
+        "spacing_unit": args.spacing_unit,
     }
     data.update({k: v for k, v in simple.items() if v is not None})
     if args.stride is not None:
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orientations", nargs="+", metavar="ORIENT", help="subset of: thickness warp weft")
     p.add_argument("--warp-axis", choices=["y", "x"], help="warp images are planes at fixed y (default) or fixed x")
     p.add_argument("--spacing", metavar="Z,Y,X", help="voxel size; depth is resampled to isotropic (default 1,1,1)")
+    p.add_argument("--spacing-unit", metavar="UNIT", help="unit of --spacing (um, mm, ...): generated TIFFs carry "
+                   "their pixel size in it")
     p.add_argument("--channel", type=int, metavar="N", help="channel to use in multi-channel files")
     p.add_argument("--bits", type=int, choices=[8, 16], help="PNG bit depth (default: 8)")
     p.add_argument("--window", metavar="auto|shared|LO,HI",
@@ -392,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample grey slices with the project's DDPM / DDIM samplers: from a model trained "
                        "with recipes/ddpm_pixel.yaml (--model OUTPUT_DIR/model), or from the training-free patch "
                        "baseline of reverse diffusion with the locally constrained optimal score (--baseline "
-                       "local-score --train-dir DIR). Writes OUT/<class>_<seed>_<i>.png and OUT/sampling.json.")
+                       "local-score --train-dir DIR). Writes OUT/<class>_<seed>_<i>.png (or .tif) and OUT/sampling.json.")
     p.add_argument("--model", type=Path, metavar="DIR", help="pixel DDPM model folder (OUTPUT_DIR/model)")
     p.add_argument("--class", dest="class_name", metavar="STATE/ORIENT", help="class to sample, e.g. dry/thickness")
     p.add_argument("--n", type=int, default=8, help="number of images (default 8)")
@@ -403,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--trajectory", metavar="T1,T2,...", help="also save x_t at these timesteps (e.g. 999,500,100)")
     p.add_argument("--bits", type=int, choices=[8, 16], default=8, help="PNG bit depth (default 8)")
+    p.add_argument("--format", choices=["png", "tiff"], default="png", help="png (default), or tiff: one grey "
+                   "channel in the scanner's units (the training data's window inverted), facts in the tag")
+    p.add_argument("--window", metavar="LO,HI", help="tiff: the scanner window (default: the one the training data "
+                   "recorded; write --window=LO,HI when LO < 0)")
     p.add_argument("--baseline", choices=["local-score"], help="training-free baseline instead of a model")
     p.add_argument("--patch", type=int, default=5, help="local-score patch side, odd (default 5)")
     p.add_argument("--train-dir", type=Path, metavar="DIR", help="local-score: the training slices (prep train/)")
@@ -415,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="weight-free fidelity, memorisation, 3D consistency and drift report",
                        description="Compare generated slices with real ones and write OUT/metrics.json and "
-                       "OUT/report.html. Either give an evaluation config (models to sample, probes: see README), "
+                       "OUT/report.html. Either give an evaluation config (models to sample, probes: see docs/evaluation.md), "
                        "or --real and one or more --generated folders (DIR/<state>__<orientation>/*.png for "
                        "per-concept numbers, or a flat folder).")
     p.add_argument("config", nargs="?", type=Path, metavar="CONFIG.yaml", help="evaluation config (optional)")

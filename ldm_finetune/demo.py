@@ -245,9 +245,11 @@ def evaluation_config(s: DemoSettings) -> dict:
             f"Diffusion pretrained on a world of coloured shapes and textures (no CT), and what {s.sd_steps} CPU "
             "steps of LoRA+DreamBooth and Textual Inversion made of it: CT-likeness they show was learned here, "
             "and the probes show what they still draw for world prompts (drift).",
-            f"ddpm-pixel was trained from scratch on these slices for {s.ddpm_steps} steps at {s.ddpm_resolution} "
-            "px (upscaled here): it is the model that shows real learning. Compare it with local-score, the "
-            "training-free baseline that stitches training patches together."]}
+            f"The SD models draw at {s.sd_resolution} px and ddpm-pixel at {s.ddpm_resolution} px, the sizes they "
+            "were trained at; each set is scored against the real slices resized to its size.",
+            f"ddpm-pixel was trained from scratch on these slices for {s.ddpm_steps} steps: it is the model that "
+            "shows real learning. Compare it with local-score, the training-free baseline that stitches training "
+            "patches together."]}
 
 
 def launch_command(recipe: Path, overrides: list[str], launcher_flags=()) -> list[str]:

@@ -103,6 +103,15 @@ def test_data_prep_uses_only_the_common_base(graph):
     assert not bad, bad
 
 
+def test_generation_and_evaluation_do_not_import_training(graph):
+    """Drawing from and scoring a model read only what a run wrote (model folders, files, headers), so they keep
+    working on models trained elsewhere and on runs made by older versions."""
+    bad = [f"{m} -> {d}" for m, deps in graph.items()
+           if m.startswith(("ldm_finetune.generation", "ldm_finetune.evaluation"))
+           for d in deps if d.startswith("ldm_finetune.training")]
+    assert not bad, bad
+
+
 def test_nothing_below_the_cli_imports_argparse_or_the_cli():
     bad = []
     for path in sorted((ROOT / "ldm_finetune").rglob("*.py")) + sorted((ROOT / "data_prep").rglob("*.py")):

@@ -24,7 +24,7 @@ def test_train_gpu_benchmark_smoke_run_on_cpu():
 
 
 def test_real_clients_record_backs_the_readme_table():
-    """The recorded client measurements say what the README's sharing table says: the run's client file loads whole
+    """The recorded client measurements say what docs/sharing.md's table says: the run's client file loads whole
     in ComfyUI and kohya at diffusers' strength; the diffusers-layout file does not (which shows the measure can
     fail)."""
     import importlib.util
@@ -34,8 +34,8 @@ def test_real_clients_record_backs_the_readme_table():
     spec.loader.exec_module(module)
     record = json.loads((ROOT / "benchmarks" / "results" / "real_clients.json").read_text())
     table = module.markdown_table(record)
-    readme = (ROOT / "README.md").read_text()
-    assert all(row in readme for row in table.splitlines()[2:])
+    sharing = (ROOT / "docs" / "sharing.md").read_text()
+    assert all(row in sharing for row in table.splitlines()[2:])
     for client in ("comfyui", "kohya"):
         for arch, files in record[client]["per_base"].items():
             for label, row in files.items():

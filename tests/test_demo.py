@@ -93,10 +93,11 @@ def test_every_subcommand_is_documented_in_help_and_readme():
 
     from ldm_finetune.cli import build_parser
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    root = Path(__file__).parent.parent
+    readme = "".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name, parser in sub.choices.items():
         assert parser.description, f"{name}: no description"
         undocumented = [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._HelpAction)]
         assert not undocumented, f"{name}: arguments without help: {undocumented}"
-        assert f"ldm-finetune {name}" in readme, f"README never shows `ldm-finetune {name}`"
+        assert f"ldm-finetune {name}" in readme, f"README and docs/ never show `ldm-finetune {name}`"

@@ -139,6 +139,13 @@ def test_config_form_with_sd_lora_pixel_and_baseline(prep_dataset, tiny_model_di
     images = tmp_path / "ev" / "images" / "lora"
     assert Image.open(images / "dry__thickness" / "0000.png").size == (32, 32)
     assert Image.open(images / "probes" / "a-texture_0000.png").size == (64, 64) and m["probes"]["side"] == 64
+    # without sampler.resolution an SD entry is drawn at the size its LoRA was trained at (the header's), not at the
+    # base's own 64 px
+    from ldm_finetune.evaluation.config import ModelEntry, _trained_side
+
+    assert _trained_side(ModelEntry("lora", "sd", str(tiny_model_dir), loras=[f"{lora}:0.8"])) == 32
+    assert _trained_side(ModelEntry("lora", "sd", str(tiny_model_dir), loras=[str(lora / "lora.safetensors")])) == 32
+    assert _trained_side(ModelEntry("base", "sd", str(tiny_model_dir))) is None
     assert set(m["fidelity"]) == {"dry/thickness", "injected/warp"}
     assert set(m["fidelity"]["dry/thickness"]["models"]) == {"base", "lora", "mosaic"}
     assert any("tiny random-init" in n for n in m["notes"])

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from ldm_finetune.data.world import world_words
 from ldm_finetune.models.tokenizer import pieces
+from ldm_finetune.models.world_probe import load_probe
 from ldm_finetune.training import mini_base
 from ldm_finetune.training.mini_base import (
     MiniBaseSettings,
     build_mini_base,
-    load_probe,
     mini_base_cached,
     pack_mini_base,
     shipped_mini_base,

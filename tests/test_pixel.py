@@ -103,6 +103,37 @@ def test_local_score_baseline_cli(small_train_dir, tmp_path, run_cli):
     assert read_pngs(tmp_path / "b").shape == (2, 32, 32)
 
 
+@pytest.mark.parametrize("source", ["model", "baseline"])
+def test_sample_tiff_in_the_scanners_grey_levels(source, pixel_run, small_train_dir, tmp_path, run_cli):
+    """A pixel DDPM (or the baseline) writes one uint16 grey TIFF per image in the class's state window, with the
+    class's pixel size and the facts in the tag."""
+    import tifffile
+
+    rows = [json.loads(x) for x in (small_train_dir / "metadata.jsonl").read_text().splitlines()]
+    dry = next(r for r in rows if r["state"] == "dry" and r["orientation"] == "thickness")
+    what = (["--model", pixel_run] if source == "model" else
+            ["--baseline", "local-score", "--train-dir", small_train_dir, "--resolution", "32", "--patch", "3"])
+    code, _, err = run_cli("sample", *what, "--class", "dry/thickness", "--n", "2", "--steps", "3", "--format",
+                           "tiff", "--out", tmp_path / "t")
+    assert code == 0, err
+    files = sorted((tmp_path / "t").glob("*.tif"))
+    assert len(files) == 2 and not list((tmp_path / "t").glob("*.png"))
+    with tifffile.TiffFile(files[0]) as tif:
+        image, facts = tif.asarray(), json.loads(tif.pages[0].description)
+    lo, hi = dry["window"]
+    assert image.dtype == np.uint16 and image.shape == (32, 32) and lo <= image.min() and image.max() <= hi
+    assert facts["window"] == [lo, hi] and facts["state"] == "dry" and facts["class"] == "dry/thickness"
+    assert facts["pixel_size"] == pytest.approx(dry["pixel_size"]) and facts["pixel_unit"] == "voxel"
+    assert facts["steps"] == 3 and facts["generator"] == "ldm_finetune sample"
+    assert (len(facts.get("model_sha256", "")) == 64) == (source == "model")
+
+
+def test_sample_tiff_refuses_a_bad_window(pixel_run, tmp_path, run_cli):
+    code, _, err = run_cli("sample", "--model", pixel_run, "--n", "1", "--steps", "2", "--format", "tiff",
+                           "--class", "dry/thickness", "--window", "7,3", "--out", tmp_path / "x")
+    assert code == 2 and "LO must be below HI" in err and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--class", "wet/warp"], "--class 'wet/warp' is not a class of this model"),
     ([], "this model is class-conditional; choose one of"),

@@ -12,13 +12,12 @@ import tifffile
 from data_prep.phantom import AIR, GREY_OFFSET, GREY_SCALE, RESIN, YARN
 from data_prep.window import to_unit
 from ldm_finetune.core.io import quantize
-from ldm_finetune.data.records import read_records
+from ldm_finetune.data.records import pixel_sizes, read_records, scanner_windows
 from ldm_finetune.generation.scanner import from_unit, scanner_array
 from ldm_finetune.models.lora import add_lora, lora_state_dict
 from ldm_finetune.models.stable_diffusion import build_pipeline
 from ldm_finetune.sharing.lora import save_lora
 from ldm_finetune.training.config import LoraConfig
-from ldm_finetune.training.stable_diffusion import scanner_windows
 
 PHASES = {"air": AIR, "resin": RESIN, "yarn": YARN}
 
@@ -52,13 +51,36 @@ def test_a_run_records_each_states_window_and_phases_map_back(prep_dataset):
             assert abs(scanner_array(encoded, (lo, hi))[0] - value) <= (hi - lo) / 65535 + 0.5, name
 
 
+def test_prep_records_each_slices_pixel_size(prep_dataset, phantom_dir, tmp_path):
+    """A pixel's side is the tile's side in voxels over the image side (in the spacing's unit when one is given),
+    and a run at another resolution scales it."""
+    from data_prep.config import PrepConfig, VolumeSpec
+    from data_prep.prep import run_prep
+
+    manifest = json.loads((prep_dataset / "manifest.json").read_text())
+    sides = {v["state"]: v["tile_sides"] for v in manifest["volumes"]}
+    records = read_records(prep_dataset / "train")
+    for r in records:
+        assert r.meta["pixel_size"] == pytest.approx(sides[r.meta["state"]][r.meta["orientation"]] / 32, rel=1e-5)
+        assert r.meta["pixel_unit"] == "voxel"
+    at_16 = pixel_sizes(records, 16)
+    assert len(at_16) == 9 and at_16["dry/warp"][0] == pytest.approx(2 * sides["dry"]["warp"] / 32, rel=1e-5)
+    out = tmp_path / "um"
+    run_prep(PrepConfig(volumes=[VolumeSpec("dry", phantom_dir / "dry.tif")], out=out, resolution=16,
+                        spacing=(5.0, 2.5, 2.5), spacing_unit="um", orientations=["thickness"]), show_progress=False)
+    (row,) = {(r.meta["pixel_size"], r.meta["pixel_unit"]) for r in read_records(out / "train")}
+    side = json.loads((out / "manifest.json").read_text())["volumes"][0]["tile_sides"]["thickness"]
+    assert row == (pytest.approx(2.5 * side / 16, rel=1e-5), "um")
+
+
 @pytest.fixture(scope="module")
 def windowed_lora(tmp_path_factory):
     """A LoRA whose header carries two states' windows, as a run on prep data writes it."""
     pipe = build_pipeline("tiny")
     add_lora(pipe.unet, pipe.text_encoder, LoraConfig(rank=4, alpha=4.0))
     weights, meta = lora_state_dict(pipe.unet)
-    header = {"ldm_finetune.windows": json.dumps({"dry": [9000.0, 50000.0], "injected": [12000.0, 47000.0]})}
+    header = {"ldm_finetune.windows": json.dumps({"dry": [9000.0, 50000.0], "injected": [12000.0, 47000.0]}),
+              "ldm_finetune.pixel_sizes": json.dumps({"injected/warp": [12.5, "um"], "dry/warp": [10.0, "um"]})}
     return save_lora(tmp_path_factory.mktemp("lora"), weights, meta, header)
 
 
@@ -80,6 +102,12 @@ def test_generate_tiff_in_scanner_units_with_its_facts(tiny_model_dir, windowed_
     assert facts["window"] == [12000.0, 47000.0] and facts["state"] == "injected" and facts["seed"] == 0
     assert facts["prompt"] == "sf_injected sf_warp" and facts["steps"] == 2 and facts["sampler"]
     assert len(facts["loras"][0]["sha256"]) == 64
+    # the class's pixel size, and in the resolution tags (pixels per cm) so Fiji measures in physical units
+    assert facts["pixel_size"] == 12.5 and facts["pixel_unit"] == "um"
+    with tifffile.TiffFile(files[0]) as tif:
+        tags = tif.pages[0].tags
+        numerator, denominator = tags["XResolution"].value
+        assert numerator / denominator == pytest.approx(1 / 12.5e-4) and tags["ResolutionUnit"].value == 3
     # the same seed as PNG: the TIFF is its grey level through the window
     png = tmp_path / "png"
     assert run_cli("generate", "--model", tiny_model_dir, "--lora", windowed_lora, "--prompt",

@@ -19,7 +19,8 @@ from ldm_finetune.data.world import (
     world_words,
 )
 from ldm_finetune.models.world_probe import train_probe
-from ldm_finetune.training.mini_base import load_probe, shipped_mini_base
+from ldm_finetune.models.world_probe import load_probe
+from ldm_finetune.training.mini_base import shipped_mini_base
 
 
 def test_the_world_is_seeded_and_captions_parse_back_to_their_truth():

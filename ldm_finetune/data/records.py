@@ -8,8 +8,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from ldm_finetune.core.classes import row_class
+from ldm_finetune.core.classes import CLASS_COLUMNS, row_class
 from ldm_finetune.core.configtools import closest
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import IMAGE_SUFFIXES
@@ -130,3 +131,25 @@ def training_classes(records, columns: list[str]) -> list[str]:
         raise UserError(f"data.class_columns: metadata.jsonl has no column {missing[0]!r} "
                         f"(it has {', '.join(sorted(records[0].meta))})")
     return sorted({class_name(r, columns) for r in records})
+
+
+def scanner_windows(records) -> dict[str, list[float]]:
+    """{state: [lo, hi]}: the intensity window prep applied to each state's slices (from its metadata rows), so
+    generated slices can be mapped back to the scanner's units."""
+    return {r.meta["state"]: list(r.meta["window"]) for r in records
+            if "state" in r.meta and isinstance(r.meta.get("window"), list)}
+
+
+def pixel_sizes(records, resolution: int) -> dict[str, list]:
+    """{state/orientation: [size, unit]}: one pixel's side in the volume's units at the training `resolution` (prep's
+    pixel size times prep's side over the training side, since training resizes the shorter side to `resolution`).
+    A generated slice of any field of view keeps this pixel size."""
+    sizes: dict[str, list] = {}
+    for r in records:
+        name = row_class(r.meta)
+        if name in sizes or "pixel_size" not in r.meta or not all(c in r.meta for c in CLASS_COLUMNS):
+            continue
+        with Image.open(r.path) as image:
+            side = min(image.size)
+        sizes[name] = [float(f"{r.meta['pixel_size'] * side / resolution:.6g}"), r.meta.get("pixel_unit", "voxel")]
+    return sizes

@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_finetune.core.classes import class_folder, split_class
+from ldm_finetune.core.classes import CLASS_COLUMNS, class_folder, split_class
 from ldm_finetune.core.configtools import from_dict, load_yaml
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path, slug, to_image
+from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.data.world import SIZE as WORLD_SIZE
 from ldm_finetune.data.world import parse_prompt
 from ldm_finetune.evaluation import metrics as M
@@ -48,7 +49,8 @@ from ldm_finetune.models.denoisers import local_denoiser
 from ldm_finetune.models.diffusion import make_schedule, sample
 from ldm_finetune.models.pixel_unet import load_pixel_model
 from ldm_finetune.models.stable_diffusion import native_side, render
-from ldm_finetune.training.mini_base import load_probe
+from ldm_finetune.models.world_probe import load_probe
+from ldm_finetune.sharing.metadata import trained_side
 
 DEFAULT_PROBES = ["horse on a beach", "two zebras", "a texture"]
 
@@ -82,7 +84,9 @@ class SamplerSettings:
     guidance: float = 7.5  # SD classifier-free guidance
     scheduler: Optional[str] = None  # SD scheduler name (generate's --scheduler); null: the model's own
     negative_prompt: str = ""
-    resolution: Optional[int] = None  # SD image side; null: the real slices' size
+    # SD image side; null: the size the model's LoRA / embedding was trained at (its header), else the base's own.
+    # Sets smaller than the real slices are scored against real slices resized down to them
+    resolution: Optional[int] = None
     # SD side of the drift probes; null: the model's own (its UNet sample size x the VAE factor, 512 for SD 1.5,
     # 768 for SD 2.1, 32 for the mini base): drift is what the model now draws where it used to draw well
     probe_resolution: Optional[int] = None
@@ -167,12 +171,14 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
         if entry.kind == "sd":
             pipe = _sd_pipeline(entry)
             set_scheduler(pipe, cfg.sampler.scheduler)
-            side = cfg.sampler.resolution or size
-            for cls, seed in wanted:
+            side = cfg.sampler.resolution or _trained_side(entry) or native_side(pipe)
+            for cls in dict.fromkeys(c for c, _ in wanted):  # one batched call per class
                 prompt = entry.concepts.get(cls) or cfg.concepts.get(cls) or _default_prompt(cls)
-                (row,) = render(pipe, [prompt], [seed], cfg.sampler.steps, cfg.sampler.guidance,
+                seeds = [seed for c, seed in wanted if c == cls]
+                (row,) = render(pipe, [prompt], seeds, cfg.sampler.steps, cfg.sampler.guidance,
                                 cfg.sampler.negative_prompt, side, side)
-                _save(row[0], folder / class_folder(cls) / f"{seed:04d}.png", grey=True)
+                for seed, image in zip(seeds, row):
+                    _save(image, folder / class_folder(cls) / f"{seed:04d}.png", grey=True)
             probe_side = cfg.sampler.probe_resolution or native_side(pipe)
             for prompt, seed in probes:
                 (row,) = render(pipe, [prompt], [seed], cfg.sampler.steps, cfg.sampler.guidance,
@@ -183,6 +189,15 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
                 image = _pixel_image(entry, cfg, cls, seed, size, loaded)
                 _save(image, folder / class_folder(cls) / f"{seed:04d}.png", grey=True)
     return folders
+
+
+def _trained_side(entry: ModelEntry) -> int | None:
+    """The side an SD entry's adapters were trained at, when their files record it: a LoRA trained at 32 px on a
+    model drawn at 64 would otherwise be judged at a field of view it never saw."""
+    paths = [Path(parse_lora_arg(x)[0]) for x in entry.loras] + [Path(p) for p in entry.embeddings]
+    files = [f for p in paths
+             for f in ([*RunLayout(p).adapter_files(), *sorted(p.glob("*.safetensors"))] if p.is_dir() else [p])]
+    return trained_side(files)
 
 
 def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: int, loaded: dict) -> np.ndarray:
@@ -200,7 +215,7 @@ def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: 
 
         key = ("local-score", cls)
         if key not in loaded:
-            loaded[key] = baseline_slices(Path(cfg.real) / "train", cls, ["state", "orientation"], size, 64)
+            loaded[key] = baseline_slices(Path(cfg.real) / "train", cls, CLASS_COLUMNS, size, 64)
         slices = loaded[key]
         schedule = make_schedule("cosine")
         images, _ = sample(local_denoiser(slices.double(), entry.patch, schedule), (1, *slices.shape[1:]),

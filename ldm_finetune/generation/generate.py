@@ -17,7 +17,7 @@ from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path, files_sha256, slug, to_image
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.generation.dataset import check_folder, concepts_for, dataset_record, run_concepts, write_dataset
-from ldm_finetune.generation.scanner import run_windows, window_for, write_tiff
+from ldm_finetune.generation.scanner import pixel_size_for, run_pixel_sizes, run_windows, window_for, write_tiff
 from ldm_finetune.generation.tiled import plan_tiling, tiled
 from ldm_finetune.models.hub_ids import load_error
 from ldm_finetune.models.stable_diffusion import check_model_source, native_side, quiet_loading, render
@@ -206,10 +206,12 @@ def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None)
 
     check_settings(settings)
     out = Path(out)
-    windows = None
+    windows = sizes = None
     if settings.format == "tiff":  # every prompt's window is settled before anything renders
-        recorded = run_windows([model] + [p for p, _ in settings.loras] + settings.embeddings)
+        paths = [model] + [p for p, _ in settings.loras] + settings.embeddings
+        recorded = run_windows(paths)
         windows = {p: window_for(p, recorded, settings.window) for p in settings.prompts}
+        sizes = {p: pixel_size_for(p, run_pixel_sizes(paths)) for p in settings.prompts}
     pipe, draw = prepared_pipeline(model, settings, pipe)
     seeds = [settings.seed + i for i in range(settings.n)]
     rows = draw(settings.prompts, seeds)
@@ -221,7 +223,7 @@ def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None)
             if windows:
                 window, state = windows[prompt]
                 path = write_tiff(out / f"{slug(prompt)}_{seed}.tif", array, window,
-                                  facts | {"prompt": prompt, "seed": seed, "state": state})
+                                  facts | sizes[prompt] | {"prompt": prompt, "seed": seed, "state": state})
             else:
                 path = out / f"{slug(prompt)}_{seed}.png"
                 with atomic_path(path) as tmp:

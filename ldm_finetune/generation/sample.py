@@ -11,10 +11,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ldm_finetune.core.classes import CLASS_COLUMNS
 from ldm_finetune.core.errors import UserError
-from ldm_finetune.core.io import atomic_path, load_image
+from ldm_finetune.core.io import atomic_path, files_sha256, load_image
 from ldm_finetune.data.images import to_pixel_values
-from ldm_finetune.data.records import class_name, read_records, select_records, training_classes
+from ldm_finetune.data.records import (class_name, pixel_sizes, read_records, scanner_windows, select_records,
+                                       training_classes)
+from ldm_finetune.generation.scanner import (parse_window, pixel_size_for, run_pixel_sizes, run_windows, window_for,
+                                             write_tiff)
 from ldm_finetune.models.denoisers import local_denoiser
 from ldm_finetune.models.diffusion import ddim_timesteps, make_schedule, sample
 from ldm_finetune.models.pixel_unet import load_pixel_model, to_grey_arrays
@@ -69,19 +73,23 @@ class SampleSettings:
     resolution: int = 64
     max_images: int = 64
     schedule: str = "cosine"
+    format: str = "png"  # png, or tiff: scanner grey levels (generation/scanner.py)
+    window: str | None = None  # tiff: "LO,HI" instead of the window the model's training data recorded
 
 
 def sample_images(s: SampleSettings) -> list[Path]:
-    """Write OUT/<class>_<seed>_<i>.png (8- or 16-bit grey), the trajectory images and sampling.json."""
+    """Write OUT/<class>_<seed>_<i>.png (8- or 16-bit grey) or .tif (scanner units), the trajectory images and
+    sampling.json."""
 
     trajectory = _trajectory_steps(s.trajectory, s.sampler, s.steps) if s.trajectory else []
     if s.n < 1:
         raise UserError(f"--n {s.n}: ask for at least one image")
+    scanner = _scanner_settings(s) if s.format == "tiff" else None  # refusals before minutes of sampling
     if s.baseline == "local-score":
         if s.train_dir is None:
             raise UserError("--baseline local-score needs --train-dir (a prep output's train/ folder)")
         schedule = make_schedule(s.schedule)
-        slices = baseline_slices(s.train_dir, s.class_name, ["state", "orientation"], s.resolution,
+        slices = baseline_slices(s.train_dir, s.class_name, CLASS_COLUMNS, s.resolution,
                                  s.max_images)
         images, saved = sample(local_denoiser(slices.double(), s.patch, schedule), (s.n, *slices.shape[1:]),
                                schedule, s.sampler, steps=s.steps, eta=s.eta,
@@ -101,7 +109,13 @@ def sample_images(s: SampleSettings) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = (s.class_name or "all").replace("/", "-")
     written = []
-    for i, array in enumerate(to_grey_arrays(images.float(), s.bits)):
+    if scanner is not None:
+        window, facts = scanner
+        facts |= {**source, "class": s.class_name, "sampler": s.sampler, "steps": s.steps, "eta": s.eta}
+        for i, image in enumerate(((images.float().clamp(-1, 1) + 1) / 2).cpu().numpy()):
+            written.append(write_tiff(out / f"{stem}_{s.seed}_{i:03d}.tif", image[0], window,
+                                      facts | {"seed": s.seed, "index": i}))
+    for i, array in enumerate(to_grey_arrays(images.float(), s.bits) if scanner is None else []):
         path = out / f"{stem}_{s.seed}_{i:03d}.png"
         with atomic_path(path) as tmp:
             Image.fromarray(array).save(tmp, format="PNG")
@@ -115,3 +129,22 @@ def sample_images(s: SampleSettings) -> list[Path]:
               "eta": s.eta, "seed": s.seed, "trajectory": trajectory, "files": [p.name for p in written]}
     (out / "sampling.json").write_text(json.dumps(record, indent=2))
     return written
+
+
+def _scanner_settings(s: SampleSettings) -> tuple[tuple[float, float], dict]:
+    """The window and the facts a TIFF of this class gets: from the model folder's record, or for the baseline from
+    its training slices' metadata rows."""
+    if s.baseline == "local-score":
+        records = read_records(s.train_dir) if s.train_dir is not None else []
+        windows = {k: tuple(v) for k, v in scanner_windows(records).items()}
+        sizes = {k: tuple(v) for k, v in pixel_sizes(records, s.resolution).items()} if records else {}
+        model_facts = {}
+    else:
+        paths = [str(s.model)] if s.model is not None else []
+        windows, sizes = run_windows(paths), run_pixel_sizes(paths)
+        weights = sorted(Path(s.model).rglob("diffusion_pytorch_model.safetensors")) if s.model else []
+        model_facts = {"model_sha256": files_sha256(weights)} if weights else {}
+    named = (s.class_name or "").replace("/", " ")  # 'dry-compacted/warp' names dry-compacted and warp as words
+    window, state = window_for(named, windows, parse_window(s.window) if s.window else None, what="--class")
+    facts = {**model_facts, **pixel_size_for(named, sizes), "state": state, "generator": "ldm_finetune sample"}
+    return window, facts

@@ -9,9 +9,11 @@ is a little soft or noisy is still read for what it shows. Its accuracy on new w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -118,4 +120,11 @@ def train_probe(steps: int = 600, batch: int = 64, seed: int = 0, lr: float = 3e
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    return WorldProbe(net.eval())
+
+
+def load_probe(folder: Path) -> WorldProbe:
+    """The world probe saved with a mini base (its folder's probe.safetensors)."""
+    net = ProbeNet()
+    net.load_state_dict(load_file(str(Path(folder) / "probe.safetensors")))
     return WorldProbe(net.eval())

@@ -19,6 +19,11 @@ import yaml
 
 from ldm_finetune.core.configtools import to_dict
 
+# what a generated slice needs to map back to the scanner (generation/scanner.py): prep's intensity window per state,
+# {state: [lo, hi]}, and one pixel's side per class at the training size, {state/orientation: [size, unit]}
+WINDOWS_KEY = "ldm_finetune.windows"
+PIXEL_SIZES_KEY = "ldm_finetune.pixel_sizes"
+
 _LIBRARIES = ("ldm_finetune", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors")
 
 
@@ -56,6 +61,16 @@ def file_header(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def trained_side(files: list[Path]) -> int | None:
+    """The image side the first of `files` that records one was trained at (`modelspec.resolution`, "RxR")."""
+    for f in files:
+        if Path(f).is_file() and Path(f).suffix == ".safetensors":
+            side = file_header(Path(f)).get("modelspec.resolution", "").partition("x")[0]
+            if side.isdigit():
+                return int(side)
+    return None
+
+
 def manifest_sha256(train_dir: Path) -> str | None:
     """sha256 of the prep manifest next to the training folder, tying a model to the exact dataset."""
     for candidate in (train_dir / "manifest.json", train_dir.parent / "manifest.json"):
@@ -83,7 +98,8 @@ def shareable_config(cfg) -> dict:
 
 def training_header(cfg, base: dict[str, str], captions: list[str], trigger_words: list[str], step: int,
                     prediction_type: str, modelspec_suffix: str | None = "lora",
-                    num_train_images: int | None = None, windows: dict | None = None) -> dict[str, str]:
+                    num_train_images: int | None = None, windows: dict | None = None,
+                    pixel_sizes: dict | None = None) -> dict[str, str]:
     architecture = base["architecture"] + (f"/{modelspec_suffix}" if modelspec_suffix else "")
     header = {
         "ldm_finetune.recipe": cfg.recipe,
@@ -109,7 +125,9 @@ def training_header(cfg, base: dict[str, str], captions: list[str], trigger_word
     if num_train_images is not None:
         header["ldm_finetune.num_train_images"] = str(num_train_images)
     if windows:  # prep's intensity window per state: `generate --format tiff` maps back to scanner units with it
-        header["ldm_finetune.windows"] = json.dumps(windows, sort_keys=True)
+        header[WINDOWS_KEY] = json.dumps(windows, sort_keys=True)
+    if pixel_sizes:  # a pixel's side per class at the training size: generated TIFFs carry it for measuring
+        header[PIXEL_SIZES_KEY] = json.dumps(pixel_sizes, sort_keys=True)
     if "base_model_sha256" in base:
         header["ldm_finetune.base_model_sha256"] = base["base_model_sha256"]
     digest = manifest_sha256(Path(cfg.data.train_dir))
@@ -146,9 +164,12 @@ def write_model_card(layout, cfg, adapter, header: dict[str, str], trigger_words
             "gradient accumulation": cfg.train.gradient_accumulation_steps,
             "mixed precision": cfg.train.mixed_precision, "offset noise": cfg.noise.offset,
             "min-SNR gamma": cfg.noise.min_snr_gamma}
-    if "ldm_finetune.windows" in header:
+    if WINDOWS_KEY in header:
         rows["scanner window per state (prep)"] = ", ".join(
-            f"{k} [{lo:g}, {hi:g}]" for k, (lo, hi) in sorted(json.loads(header["ldm_finetune.windows"]).items()))
+            f"{k} [{lo:g}, {hi:g}]" for k, (lo, hi) in sorted(json.loads(header[WINDOWS_KEY]).items()))
+    if PIXEL_SIZES_KEY in header:
+        rows["pixel size per class"] = ", ".join(
+            f"{k} {size:g} {unit}" for k, (size, unit) in sorted(json.loads(header[PIXEL_SIZES_KEY]).items()))
     rows.update(adapter.card_rows())
     lines += [f"| {k} | {v} |" for k, v in rows.items()]
     if sample_grid:

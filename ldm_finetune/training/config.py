@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ldm_finetune.adapters.registry import ADAPTERS
+from ldm_finetune.core.classes import CLASS_COLUMNS
 from ldm_finetune.core.configtools import apply_overrides, closest, from_dict, load_yaml
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.models.lora import LORA_TARGETS
@@ -297,7 +298,7 @@ class RecipeConfig:
 class PixelDataConfig:
     train_dir: Path  # a prep output's train/ folder
     resolution: int = 64  # square training size (32-256 px)
-    class_columns: list[str] = field(default_factory=lambda: ["state", "orientation"])  # label = values joined by /
+    class_columns: list[str] = field(default_factory=lambda: list(CLASS_COLUMNS))  # label = values joined by /
     random_flip: bool = False  # horizontal flips
     repeats: int = 1  # each image appears this many times per epoch
     num_workers: int = 0  # dataloader worker processes

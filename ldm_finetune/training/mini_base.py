@@ -52,7 +52,7 @@ from ldm_finetune.models.mini_base import (
 )
 from ldm_finetune.models.stable_diffusion import SD_SCHEDULE, sd_pipeline
 from ldm_finetune.models.tokenizer import write_word_tokenizer
-from ldm_finetune.models.world_probe import ProbeNet, WorldProbe, train_probe
+from ldm_finetune.models.world_probe import WorldProbe, train_probe
 from ldm_finetune.training.config import CheckpointConfig, LoggingConfig, TrainConfig
 from ldm_finetune.training.fit import fit
 from ldm_finetune.training.task import Task
@@ -403,10 +403,3 @@ def shipped_mini_base() -> Path:
     digest = hashlib.sha256((SHIPPED / PACKED_WEIGHTS).read_bytes()).hexdigest()[:16]
     folder = cache_root() / "mini-base" / f"shipped-{digest}"
     return _made_once(folder, lambda: unpack_mini_base(SHIPPED, folder))
-
-
-def load_probe(folder: Path) -> WorldProbe:
-    """The world probe saved with a mini base."""
-    net = ProbeNet()
-    net.load_state_dict(load_file(str(Path(folder) / "probe.safetensors")))
-    return WorldProbe(net.eval())

@@ -19,10 +19,11 @@ from PIL import Image
 
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.data.images import LabelledSlices
-from ldm_finetune.data.records import read_records, training_classes
+from ldm_finetune.data.records import pixel_sizes, read_records, scanner_windows, training_classes
 from ldm_finetune.models.diffusion import make_schedule
 from ldm_finetune.models.noise import diffusion_loss, perturb_noise, sample_noise, training_target
 from ldm_finetune.models.pixel_unet import PixelModel, build_unet, noise_scheduler_for, save_pixel_model, to_grey_arrays
+from ldm_finetune.sharing.metadata import PIXEL_SIZES_KEY, WINDOWS_KEY
 from ldm_finetune.training.task import Task
 
 
@@ -108,7 +109,9 @@ class PixelDDPMTask(Task):
     def save(self, global_step: int) -> list[Path]:
         cfg = self.cfg
         info = {"class_columns": cfg.data.class_columns, "resolution": cfg.data.resolution,
-                "global_step": global_step, "ema": cfg.ema.enabled, "train_dir": str(cfg.data.train_dir)}
+                "global_step": global_step, "ema": cfg.ema.enabled, "train_dir": str(cfg.data.train_dir),
+                WINDOWS_KEY: scanner_windows(self.records),
+                PIXEL_SIZES_KEY: pixel_sizes(self.records, cfg.data.resolution)}
         folder = save_pixel_model(self.layout.pixel_model, self.averaged_unet(), self.noise_scheduler,
                                   self.classes, info)
         self.validate(global_step, "final")

@@ -31,7 +31,7 @@ from ldm_finetune.data.caches import (
     tokenize,
 )
 from ldm_finetune.data.images import CaptionedImages, PairedImages
-from ldm_finetune.data.records import concept_records, read_records
+from ldm_finetune.data.records import concept_records, pixel_sizes, read_records, scanner_windows
 from ldm_finetune.models.noise import diffusion_loss, perturb_noise, sample_noise, training_target
 from ldm_finetune.models.stable_diffusion import base_model_info, grid, inference_pipeline, load_components, render
 from ldm_finetune.sharing.metadata import training_header, write_model_card
@@ -232,20 +232,14 @@ class StableDiffusionTask(Task):
         prediction_type = self.noise_scheduler.config.prediction_type
         header = training_header(cfg, base_model_info(cfg.model.pretrained, unet, prediction_type), captions,
                                  trigger_words, global_step, prediction_type, self.adapter.modelspec_suffix,
-                                 len({r.path for r in self.records}), scanner_windows(self.records))
+                                 len({r.path for r in self.records}), scanner_windows(self.records),
+                                 pixel_sizes(self.records, cfg.data.resolution))
         written = self.adapter.save(self, header)
         grid_path = self.validate(global_step, "final")
         write_model_card(self.layout, cfg, self.adapter, header, trigger_words,
                          self.layout.relative(grid_path) if grid_path else None,
                          [self.layout.relative(p) for p in written])
         return written
-
-
-def scanner_windows(records) -> dict[str, list[float]]:
-    """{state: [lo, hi]}: the intensity window prep applied to each state's slices (from its metadata rows), so
-    generated slices can be mapped back to the scanner's units."""
-    return {r.meta["state"]: list(r.meta["window"]) for r in records
-            if "state" in r.meta and isinstance(r.meta.get("window"), list)}
 
 
 def build_noise_scheduler(cfg: RecipeConfig, base_scheduler):
