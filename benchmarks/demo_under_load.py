@@ -43,7 +43,22 @@ def run_demo(out: Path, extra: list[str]) -> dict:
         raise SystemExit(f"demo failed: {result.stderr[-2000:]}")
     stages = json.loads((out / "demo.json").read_text())["seconds"]
     threads = re.findall(r"\((\d+) CPU threads?", result.stdout)
-    return {"seconds": round(seconds, 1), "stages": stages, "training_threads": [int(t) for t in threads]}
+    return {"seconds": round(seconds, 1), "stages": stages, "training_threads": [int(t) for t in threads],
+            "report": headline(json.loads((out / "evaluation" / "metrics.json").read_text()))}
+
+
+def headline(metrics: dict) -> dict:
+    """Per model, what the report says it learned: its fidelity distances in real-vs-real floors (each distance
+    over its floor, averaged over the distances and the classes it drew) and the classifier's accuracy."""
+    ratios: dict[str, list[float]] = {}
+    for entry in metrics["fidelity"].values():
+        floor = entry["floor"]
+        for name, model in entry["models"].items():
+            values = [model["values"][k] / floor[k] for k in floor if not k.startswith("prdc") and floor[k] > 0]
+            ratios.setdefault(name, []).append(sum(values) / len(values))
+    accuracy = {name: m["accuracy"] for name, m in metrics["classifier"]["models"].items()}
+    return {name: {"floors": round(sum(r) / len(r), 2), "classes": len(r), "accuracy": round(accuracy.get(name, 0), 3)}
+            for name, r in ratios.items()}
 
 
 def main() -> None:
