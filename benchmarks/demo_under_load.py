@@ -52,10 +52,11 @@ def headline(metrics: dict) -> dict:
     over its floor, averaged over the distances and the classes it drew) and the classifier's accuracy."""
     ratios: dict[str, list[float]] = {}
     for entry in metrics["fidelity"].values():
-        floor = entry["floor"]
         for name, model in entry["models"].items():
+            floor = model.get("floor") or entry.get("floor") or {}  # a set scored at its own size has its own floor
             values = [model["values"][k] / floor[k] for k in floor if not k.startswith("prdc") and floor[k] > 0]
-            ratios.setdefault(name, []).append(sum(values) / len(values))
+            if values:
+                ratios.setdefault(name, []).append(sum(values) / len(values))
     accuracy = {name: m["accuracy"] for name, m in metrics["classifier"]["models"].items()}
     return {name: {"floors": round(sum(r) / len(r), 2), "classes": len(r), "accuracy": round(accuracy.get(name, 0), 3)}
             for name, r in ratios.items()}

@@ -119,9 +119,9 @@ def crops_against_native(base: Path, lora: Path, data: Path, work: Path, n: int)
         folders[name] = work / name
     evaluate_folders(data, list(folders.values()), work / "eval", None, 128, rounds=5)
     entry = json.loads((work / "eval" / "metrics.json").read_text())["fidelity"]["/".join(CLASS)]
-    floor = entry["floor"]
     ratios = {}
     for name in folders:
+        floor = entry["models"][name].get("floor") or entry["floor"]  # sets scored at their own size carry theirs
         values = entry["models"][name]["values"]
         ratios[name] = {k: values[k] / floor[k] for k in floor if not k.startswith("prdc") and floor[k] > 0}
         ratios[name]["mean"] = float(np.mean(list(ratios[name].values())))
