@@ -15,7 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from ldm_finetune.arguments import add_train_arguments, parse_with_overrides
+from data_prep.config import CaptionConfig, PrepConfig, SplitConfig
+from ldm_finetune.arguments import DefaultsFormatter, add_train_arguments, parse_with_overrides, setting
+from ldm_finetune.demo_settings import DemoSettings
+from ldm_finetune.generation.settings import GenerateSettings, SampleSettings
 from ldm_finetune.core.configtools import from_dict, load_yaml, to_dict
 from ldm_finetune.core.errors import UserError, run_guarded
 
@@ -156,12 +159,11 @@ def _mini_base(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from ldm_finetune.demo import DemoSettings, run_demo
+    from ldm_finetune.demo import run_demo
 
-    run_demo(DemoSettings(out=args.out, shape=tuple(args.shape), resolution=args.resolution,
-                          sd_resolution=args.sd_resolution, sd_steps=args.sd_steps,
-                          ddpm_steps=args.ddpm_steps, ddpm_resolution=args.ddpm_resolution,
-                          eval_images=args.eval_images, seed=args.seed, quiet=args.quiet))
+    settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})
+    settings.shape = tuple(settings.shape)
+    run_demo(settings)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -172,7 +174,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from ldm_finetune.core.threads import use_cpu_threads
-    from ldm_finetune.generation.generate import GenerateSettings, generate, generate_dataset, parse_lora_arg
+    from ldm_finetune.generation.generate import generate, generate_dataset, parse_lora_arg
     from ldm_finetune.generation.scanner import parse_window
 
     settings = GenerateSettings(
@@ -196,7 +198,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _sample(args: argparse.Namespace) -> None:
     from ldm_finetune.core.threads import use_cpu_threads
-    from ldm_finetune.generation.sample import SampleSettings, sample_images
+    from ldm_finetune.generation.sample import sample_images
 
     use_cpu_threads()
     written = sample_images(SampleSettings(**{f.name: getattr(args, f.name) for f in fields(SampleSettings)}))
@@ -248,19 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("phantom", help="write synthetic woven-composite CT volumes (dry, dry-compacted, injected)",
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=DefaultsFormatter, **kwargs)
+
+    p = command("phantom", help="write synthetic woven-composite CT volumes (dry, dry-compacted, injected)",
                        description="Write OUT_DIR/{dry,dry-compacted,injected}.tif: seeded synthetic CT volumes of a "
                        "3D-woven composite. --shape is the dry volume; dry-compacted is ~0.55 and injected ~0.8 as "
                        "thick, with the same height and width.")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder for the three .tif volumes")
     p.add_argument("--shape", type=int, nargs=3, default=[96, 192, 256], metavar=("D", "H", "W"),
-                   help="dry volume size: depth (pages), height, width (default: 96 192 256)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+                   help="dry volume size: depth (pages), height, width")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--rings", action="store_true", help="add CT ring artefacts")
     p.add_argument("--states", nargs="+", metavar="STATE", help="only these states (default: all three)")
     p.set_defaults(func=_phantom)
 
-    p = sub.add_parser("prep", help="slice TIFF volumes into a captioned 2D dataset (train/validation)",
+    p = command("prep", help="slice TIFF volumes into a captioned 2D dataset (train/validation)",
                        description="Slice 3D TIFF volumes into thickness / warp / weft images with captions, split "
                        "without leakage, as OUT/train and OUT/validation (images + metadata.jsonl) and "
                        "OUT/manifest.json. Settings come from CONFIG.yaml and/or the flags (flags win).")
@@ -268,41 +273,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", action="append", metavar="STATE=PATH",
                    help="a TIFF stack or a folder of 2D TIFF slices, with its state name (repeat per volume)")
     p.add_argument("--out", type=Path, metavar="DIR", help="output dataset folder")
-    p.add_argument("--resolution", type=int, metavar="PX", help="output image side (default: 512)")
+    setting(p, "--resolution", PrepConfig, "output image side", merged=True, metavar="PX")
     p.add_argument("--tile-size", type=int, metavar="VOXELS",
                    help="tile side in voxels for every cut (default: native crops of RESOLUTION for thickness, "
                    "full-depth squares for warp/weft)")
     p.add_argument("--stride", metavar="N|ORIENT=N,...", help="keep every N-th slice (e.g. 4, or thickness=2,warp=8)")
     p.add_argument("--orientations", nargs="+", metavar="ORIENT", help="subset of: thickness warp weft")
-    p.add_argument("--warp-axis", choices=["y", "x"], help="warp images are planes at fixed y (default) or fixed x")
-    p.add_argument("--spacing", metavar="Z,Y,X", help="voxel size; depth is resampled to isotropic (default 1,1,1)")
+    setting(p, "--warp-axis", PrepConfig, "warp images are planes at fixed y or fixed x", merged=True, choices=["y", "x"])
+    setting(p, "--spacing", PrepConfig, "voxel size; depth is resampled to isotropic", merged=True, sep=",",
+            metavar="Z,Y,X", type=str)
     p.add_argument("--spacing-unit", metavar="UNIT", help="unit of --spacing (um, mm, ...): generated TIFFs carry "
                    "their pixel size in it")
     p.add_argument("--channel", type=int, metavar="N", help="channel to use in multi-channel files")
-    p.add_argument("--bits", type=int, choices=[8, 16], help="PNG bit depth (default: 8)")
-    p.add_argument("--window", metavar="auto|shared|LO,HI",
-                   help="grey-level window: per volume (auto, default), pooled over all volumes (shared), or fixed")
-    p.add_argument("--percentiles", metavar="LO,HI", help="percentiles for auto/shared windows (default: 0.5,99.5)")
-    p.add_argument("--sample-pages", type=int, metavar="N", help="pages sampled for the window histogram (16)")
-    p.add_argument("--memory-budget", type=int, metavar="MB", help="most volume data in memory at once (2048)")
-    p.add_argument("--split-axis", choices=["y", "x"], help="in-plane axis of the validation block (default: x)")
-    p.add_argument("--split-fraction", type=float, metavar="F", help="share of that axis for validation (0.2)")
+    setting(p, "--bits", PrepConfig, "PNG bit depth", merged=True, choices=[8, 16])
+    setting(p, "--window", PrepConfig, "grey-level window: per volume (auto), pooled over all volumes (shared), or "
+            "fixed", merged=True, metavar="auto|shared|LO,HI")
+    setting(p, "--percentiles", PrepConfig, "percentiles for auto/shared windows", merged=True, sep=",", metavar="LO,HI",
+            type=str)
+    setting(p, "--sample-pages", PrepConfig, "pages sampled for the window histogram", merged=True, metavar="N")
+    setting(p, "--memory-budget", PrepConfig, "most volume data in memory at once", name="memory_budget_mb", merged=True,
+            metavar="MB")
+    setting(p, "--split-axis", SplitConfig, "in-plane axis of the validation block", name="axis", merged=True,
+            choices=["y", "x"])
+    setting(p, "--split-fraction", SplitConfig, "share of that axis for validation", name="fraction", merged=True,
+            metavar="F")
     p.add_argument("--split-gap", type=int, metavar="VOXELS", help="voxels dropped between blocks (default: one tile)")
-    p.add_argument("--caption-style", choices=["prefix", "dreambooth", "textual_inversion"],
-                   help="caption form: 'sf_dry sf_thickness' (prefix, default), 'a w17h3r th1ck texture' "
-                   "(dreambooth), 'A <dry-thickness> of a carbon composite material' (textual_inversion)")
+    setting(p, "--caption-style", CaptionConfig, "caption form: 'sf_dry sf_thickness' (prefix), 'a w17h3r th1ck "
+            "texture' (dreambooth), 'A <dry-thickness> of a carbon composite material' (textual_inversion)",
+            name="style", merged=True, choices=["prefix", "dreambooth", "textual_inversion"])
     p.add_argument("--caption-template", metavar="TEMPLATE",
                    help="custom caption with {state} {orientation} {state_id} {orientation_id} {class_noun}")
     p.add_argument("--identifier", action="append", metavar="NAME=ID", help="DreamBooth identifier for a state or "
                    "orientation (repeatable)")
-    p.add_argument("--class-noun", metavar="NOUN", help="class noun for dreambooth captions (default: texture)")
+    setting(p, "--class-noun", CaptionConfig, "class noun for dreambooth captions", merged=True, metavar="NOUN")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier prep output")
     p.add_argument("--no-hash", action="store_true", help="skip the sha256 of source files in the manifest")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prep)
 
-    p = sub.add_parser("mini-base", help="pretrain the small text-to-image base on the procedural world (CPU)",
+    p = command("mini-base", help="pretrain the small text-to-image base on the procedural world (CPU)",
                        description="Pretrain a small Stable-Diffusion-architecture pipeline (AutoencoderKL, "
                        "UNet2DConditionModel, CLIP text encoder and tokenizer, SD noise schedule) on a procedural "
                        "world of coloured shapes and textures, so that learning and prompt drift can be measured "
@@ -311,31 +321,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, metavar="OUT", help="folder for the diffusers pipeline")
     p.add_argument("--rebuild", action="store_true",
                    help="pretrain from scratch instead of unpacking the shipped weights (~30 min on 2 cores)")
-    p.add_argument("--seed", type=int, default=0, help="--rebuild: build seed (default 0)")
-    p.add_argument("--vae-steps", type=int, default=1500, help="--rebuild: VAE training steps (default 1500)")
-    p.add_argument("--steps", type=int, default=2500,
-                   help="--rebuild: UNet + text encoder training steps (default 2500)")
+    p.add_argument("--seed", type=int, default=0, help="--rebuild: build seed")
+    p.add_argument("--vae-steps", type=int, default=1500, help="--rebuild: VAE training steps")
+    p.add_argument("--steps", type=int, default=2500, help="--rebuild: UNet + text encoder training steps")
     p.add_argument("--no-cache", action="store_true", help="--rebuild: build into OUT directly, not the cache")
     p.add_argument("--pack", type=Path, metavar="DIR", help="also write the shipped form (fp16) to DIR")
     p.set_defaults(func=_mini_base)
 
-    p = sub.add_parser("tiny-model", help="write a small random-init SD pipeline (for tests and the demo)",
+    p = command("tiny-model", help="write a small random-init SD pipeline (for tests and the demo)",
                        description="Write a small random-init Stable Diffusion pipeline in diffusers layout "
                        "(safetensors, with a small CLIP BPE vocabulary): the SD architecture in miniature, for tests, "
                        "the demo and CI. No download.")
     p.add_argument("out", type=Path, metavar="OUT", help="folder for the diffusers pipeline")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
-                   help="what the UNet predicts (default epsilon)")
+                   help="what the UNet predicts")
     p.set_defaults(func=_tiny_model)
 
-    p = sub.add_parser("train", help="train a recipe (same code as accelerate launch -m ldm_finetune.train)",
+    p = command("train", help="train a recipe (same code as accelerate launch -m ldm_finetune.train)",
                        description="Train a recipe YAML from recipes/ in this process (CPU or one GPU). For mixed "
                        "precision on several GPUs use: accelerate launch -m ldm_finetune.train CONFIG [KEY=VALUE ...]")
     add_train_arguments(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("generate", help="generate images from prompts with a base model, LoRAs and embeddings",
+    p = command("generate", help="generate images from prompts with a base model, LoRAs and embeddings",
                        description="Generate images: OUT/<prompt>_<seed>.png for each prompt and seed SEED..SEED+N-1, "
                        "plus OUT/generation.json with every setting. A LoRA that does not fit the model is an error.")
     p.add_argument("--model", required=True, metavar="M", help="base model: local diffusers folder or hub id")
@@ -346,11 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Textual Inversion .safetensors, or a folder of them (diffusers or A1111 layout); repeatable")
     p.add_argument("--prompt", action="append", metavar="P",
                    help="prompt (repeatable; with --dataset, default: the run's concepts)")
-    p.add_argument("--negative-prompt", default="", metavar="N", help="what the images should avoid")
-    p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses SEED+i (default 0)")
-    p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    setting(p, "--negative-prompt", GenerateSettings, "what the images should avoid", metavar="N")
+    setting(p, "--n", GenerateSettings, "images per prompt")
+    setting(p, "--seed", GenerateSettings, "seed of the first image; image i uses SEED+i")
+    setting(p, "--steps", GenerateSettings, "sampling steps")
+    setting(p, "--guidance", GenerateSettings, "classifier-free guidance scale")
     p.add_argument("--scheduler", metavar="NAME",
                    help="ddim, ddpm, pndm, euler, euler_a, dpm++ or unipc (default: the model's own)")
     p.add_argument("--height", type=int, help="image height in px, a multiple of 8 (default: the model's); beyond "
@@ -358,23 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="image width in px, a multiple of 8 (default: the model's)")
     p.add_argument("--tile", type=int, metavar="PX", help="tile side in px for large images (default: the model's "
                    "native size)")
-    p.add_argument("--tile-overlap", type=float, default=0.5, metavar="F",
-                   help="share of a tile its neighbour also covers (default 0.5; 0 shows seams)")
+    setting(p, "--tile-overlap", GenerateSettings, "share of a tile its neighbour also covers (0 shows seams)",
+            metavar="F")
     p.add_argument("--seamless", action="store_true",
                    help="periodic images that tile with themselves, like the weave (circular padding, wrapping tiles)")
     p.add_argument("--grayscale", action="store_true", help="save single-channel PNGs (CT slices are grey)")
-    p.add_argument("--format", choices=["png", "tiff"], default="png", help="png (default), or tiff: one grey "
-                   "channel in the scanner's units (prep's window inverted; uint16 when it fits), facts in the tag")
+    setting(p, "--format", GenerateSettings, "png, or tiff: one grey channel in the scanner's units (prep's window "
+            "inverted; uint16 when it fits), facts in the tag", choices=["png", "tiff"])
     p.add_argument("--window", metavar="LO,HI", help="tiff: the scanner window (default: the one the run recorded; write --window=LO,HI when LO < 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder")
     p.add_argument("--dataset", type=Path, metavar="DIR",
                    help="instead of --out: a synthetic dataset in prep's layout (metadata.jsonl, synthetic: true) "
                    "that recipes train on and evaluate reads; a rerun makes only what is missing")
-    p.add_argument("--per-concept", type=int, default=16, metavar="N",
-                   help="--dataset: images per concept (default 16)")
+    p.add_argument("--per-concept", type=int, default=16, metavar="N", help="--dataset: images per concept")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("export", help="write a LoRA in the kohya layout, or a single-file checkpoint",
+    p = command("export", help="write a LoRA in the kohya layout, or a single-file checkpoint",
                        description="--format kohya: a diffusers-layout LoRA (file or run folder) in the kohya layout "
                        "(lora_unet_* keys with explicit alphas) that A1111, ComfyUI and kohya load; training runs "
                        "since this version write it themselves. --format checkpoint: one .safetensors in the original "
@@ -383,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "model also gets FILE.yaml, the config A1111 reads beside it.")
     p.add_argument("source", metavar="SOURCE", help="kohya: LoRA file or run folder; checkpoint: run folder, "
                    "diffusers model folder or hub id")
-    p.add_argument("--format", choices=["kohya", "checkpoint"], default="kohya", help="what to write (default: kohya)")
+    p.add_argument("--format", choices=["kohya", "checkpoint"], default="kohya", help="what to write")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="checkpoint: a LoRA to fuse in "
                    "(repeatable; scale 1.0 unless given)")
@@ -391,36 +399,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("sample", help="sample slices from a pixel DDPM, or from the training-free local-score baseline",
+    p = command("sample", help="sample slices from a pixel DDPM, or from the training-free local-score baseline",
                        description="Sample grey slices with the project's DDPM / DDIM samplers: from a model trained "
                        "with recipes/ddpm_pixel.yaml (--model OUTPUT_DIR/model), or from the training-free patch "
                        "baseline of reverse diffusion with the locally constrained optimal score (--baseline "
                        "local-score --train-dir DIR). Writes OUT/<class>_<seed>_<i>.png (or .tif) and OUT/sampling.json.")
     p.add_argument("--model", type=Path, metavar="DIR", help="pixel DDPM model folder (OUTPUT_DIR/model)")
     p.add_argument("--class", dest="class_name", metavar="STATE/ORIENT", help="class to sample, e.g. dry/thickness")
-    p.add_argument("--n", type=int, default=8, help="number of images (default 8)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddpm: all T steps; ddim: --steps")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    setting(p, "--n", SampleSettings, "number of images")
+    setting(p, "--sampler", SampleSettings, "ddpm: all T steps; ddim: --steps", choices=["ddpm", "ddim"])
+    setting(p, "--steps", SampleSettings, "DDIM steps")
+    setting(p, "--eta", SampleSettings, "DDIM eta: 0 deterministic, 1 DDPM-like")
+    setting(p, "--guidance", SampleSettings, "classifier-free guidance scale (1: none)")
+    setting(p, "--seed", SampleSettings, "sampling seed")
     p.add_argument("--trajectory", metavar="T1,T2,...", help="also save x_t at these timesteps (e.g. 999,500,100)")
-    p.add_argument("--bits", type=int, choices=[8, 16], default=8, help="PNG bit depth (default 8)")
-    p.add_argument("--format", choices=["png", "tiff"], default="png", help="png (default), or tiff: one grey "
-                   "channel in the scanner's units (the training data's window inverted), facts in the tag")
+    setting(p, "--bits", SampleSettings, "PNG bit depth", choices=[8, 16])
+    setting(p, "--format", SampleSettings, "png, or tiff: one grey channel in the scanner's units (the training "
+            "data's window inverted), facts in the tag", choices=["png", "tiff"])
     p.add_argument("--window", metavar="LO,HI", help="tiff: the scanner window (default: the one the training data "
                    "recorded; write --window=LO,HI when LO < 0)")
     p.add_argument("--baseline", choices=["local-score"], help="training-free baseline instead of a model")
-    p.add_argument("--patch", type=int, default=5, help="local-score patch side, odd (default 5)")
+    setting(p, "--patch", SampleSettings, "local-score patch side, odd")
     p.add_argument("--train-dir", type=Path, metavar="DIR", help="local-score: the training slices (prep train/)")
-    p.add_argument("--resolution", type=int, default=64, help="local-score: image side in px (default 64)")
-    p.add_argument("--max-images", type=int, default=64, help="local-score: training slices used (default 64)")
-    p.add_argument("--schedule", choices=["linear", "cosine"], default="cosine",
-                   help="local-score: noise schedule (default cosine, T=1000, as in seed 000)")
+    setting(p, "--resolution", SampleSettings, "local-score: image side in px")
+    setting(p, "--max-images", SampleSettings, "local-score: training slices used")
+    setting(p, "--schedule", SampleSettings, "local-score: noise schedule (T=1000, cosine as in seed 000)",
+            choices=["linear", "cosine"])
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("evaluate", help="weight-free fidelity, memorisation, 3D consistency and drift report",
+    p = command("evaluate", help="weight-free fidelity, memorisation, 3D consistency and drift report",
                        description="Compare generated slices with real ones and write OUT/metrics.json and "
                        "OUT/report.html. Either give an evaluation config (models to sample, probes: see docs/evaluation.md), "
                        "or --real and one or more --generated folders (DIR/<state>__<orientation>/*.png for "
@@ -431,40 +439,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.add_argument("--size", type=int, metavar="PX", help="resize every image to PX x PX (needed if sizes differ)")
     p.add_argument("--max-real", type=int, metavar="N", help="at most N real slices per class and split")
-    p.add_argument("--bootstrap", type=int, default=50, help="bootstrap rounds for intervals (default 50)")
+    p.add_argument("--bootstrap", type=int, default=50, help="bootstrap rounds for intervals")
     p.add_argument("--copy-ncc", type=float, default=0.95,
-                   help="normalised cross-correlation above which a slice counts as a near-copy (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="seed of subsampling and bootstrap (default 0)")
+                   help="normalised cross-correlation above which a slice counts as a near-copy")
+    p.add_argument("--seed", type=int, default=0, help="seed of subsampling and bootstrap")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("identifiers", help="rare single-token DreamBooth identifiers for a model's tokenizer",
+    p = command("identifiers", help="rare single-token DreamBooth identifiers for a model's tokenizer",
                        description="List rare words that are one token in the model's tokenizer (good DreamBooth "
                        "identifiers), or check chosen ones with --check (exit status 2 if one splits).")
     p.add_argument("--model", required=True, metavar="M", help="local diffusers folder or hub id")
     p.add_argument("--check", nargs="+", metavar="WORD", help="words to check (e.g. w17h3r sks)")
-    p.add_argument("--n", type=int, default=20, help="number of candidates to list (default 20)")
+    p.add_argument("--n", type=int, default=20, help="number of candidates to list")
     p.set_defaults(func=_identifiers)
 
-    p = sub.add_parser("demo", help="run the whole pipeline on built-in synthetic data (CPU, ~10 min)",
+    p = command("demo", help="run the whole pipeline on built-in synthetic data (CPU, ~10 min)",
                        description="The main job on the built-in default; no GPU, network or private data needed. "
                        "Synthetic woven-composite CT volumes -> captioned dataset -> LoRA+DreamBooth and Textual "
                        "Inversion on the mini base, a small SD pretrained on a procedural world and shipped with the "
                        "package (accelerate launch) -> generation -> class-conditional pixel DDPM from scratch -> "
                        "evaluation report (OUT/evaluation/report.html): what each model learned of CT, and what "
                        "it still draws for other prompts.")
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
-    p.add_argument("--shape", type=int, nargs=3, default=[96, 192, 256], metavar=("D", "H", "W"),
-                   help="dry phantom size (default: 96 192 256)")
-    p.add_argument("--resolution", type=int, default=64, help="prep's slice side in pixels (default: 64)")
-    p.add_argument("--sd-resolution", type=int, default=32,
-                   help="side the SD recipes train and generate at: the mini base's own (default: 32)")
-    p.add_argument("--sd-steps", type=int, default=100, help="steps of each SD recipe (default: 100)")
-    p.add_argument("--ddpm-steps", type=int, default=500, help="steps of the pixel DDPM (default: 500)")
-    p.add_argument("--ddpm-resolution", type=int, default=32, help="pixel DDPM side (default: 32)")
-    p.add_argument("--eval-images", type=int, default=8,
-                   help="generated images per class and model for the evaluation (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    setting(p, "--out", DemoSettings, "output folder")
+    setting(p, "--shape", DemoSettings, "dry phantom size", type=int, nargs=3, metavar=("D", "H", "W"))
+    setting(p, "--resolution", DemoSettings, "prep's slice side in pixels")
+    setting(p, "--sd-resolution", DemoSettings, "side the SD recipes train and generate at: the mini base's own")
+    setting(p, "--sd-steps", DemoSettings, "steps of each SD recipe")
+    setting(p, "--ddpm-steps", DemoSettings, "steps of the pixel DDPM")
+    setting(p, "--ddpm-resolution", DemoSettings, "pixel DDPM side")
+    setting(p, "--eval-images", DemoSettings, "generated images per class and model for the evaluation")
+    setting(p, "--seed", DemoSettings, "seed of every stage")
+    setting(p, "--quiet", DemoSettings, "no progress bars", action="store_true")
     p.set_defaults(func=_demo)
     return parser
 

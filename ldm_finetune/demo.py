@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -33,6 +33,7 @@ from ldm_finetune.core.classes import class_key
 from ldm_finetune.core.errors import TrainingStopped, UserError
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.core.threads import cpu_threads, use_cpu_threads
+from ldm_finetune.demo_settings import DemoSettings
 from ldm_finetune.evaluation.config import run_config
 from ldm_finetune.generation.generate import GenerateSettings, generate
 from ldm_finetune.training.mini_base import shipped_mini_base
@@ -76,20 +77,6 @@ DDPM_MODEL = {"model.base_channels": 32, "model.channel_mult": "[1,2,2]", "model
 # what each stage writes that a rerun must not reuse (training appends to metrics.jsonl, evaluation reuses images)
 STAGE_OUTPUTS = {"lora-dreambooth": ["runs/lora_dreambooth"], "textual-inversion": ["runs/textual_inversion"],
                  "generate": ["generated"], "ddpm-pixel": ["runs/ddpm_pixel"], "evaluate": ["evaluation"]}
-
-
-@dataclass
-class DemoSettings:
-    out: Path = Path("demo_out")
-    shape: tuple[int, int, int] = (96, 192, 256)  # dry phantom volume (D, H, W)
-    resolution: int = 64  # prep image side
-    sd_resolution: int = 32  # the SD recipes train and generate at the mini base's own size
-    sd_steps: int = 100  # optimizer steps of each SD recipe
-    ddpm_steps: int = 500  # optimizer steps of the pixel DDPM
-    ddpm_resolution: int = 32
-    eval_images: int = 8  # generated images per class and model in the evaluation
-    seed: int = 0
-    quiet: bool = False  # no progress bars
 
 
 def ti_token(state: str) -> str:

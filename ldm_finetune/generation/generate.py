@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import diffusers
@@ -18,6 +18,7 @@ from ldm_finetune.core.io import atomic_path, files_sha256, slug, to_image
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.generation.dataset import check_folder, concepts_for, dataset_record, run_concepts, write_dataset
 from ldm_finetune.generation.scanner import pixel_size_for, run_pixel_sizes, run_windows, window_for, write_tiff
+from ldm_finetune.generation.settings import GenerateSettings  # noqa: F401 (callers import it from here too)
 from ldm_finetune.generation.tiled import plan_tiling, tiled
 from ldm_finetune.models.hub_ids import load_error
 from ldm_finetune.models.stable_diffusion import check_model_source, native_side, quiet_loading, render
@@ -33,27 +34,6 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-
-
-@dataclass
-class GenerateSettings:
-    prompts: list[str]
-    n: int = 4  # images per prompt
-    seed: int = 0
-    steps: int = 30
-    guidance: float = 7.5
-    negative_prompt: str = ""
-    scheduler: str | None = None  # None: the model's own
-    height: int | None = None  # None: the model's native size
-    width: int | None = None
-    grayscale: bool = False  # save single-channel PNGs (CT slices are grey)
-    loras: list[tuple[str, float]] = field(default_factory=list)  # (file or folder, scale)
-    embeddings: list[str] = field(default_factory=list)
-    format: str = "png"  # png (8-bit RGB, or grey with grayscale) | tiff (scanner grey levels, see scanner.py)
-    window: tuple[float, float] | None = None  # tiff: the scanner window (default: the one the run recorded)
-    tile: int | None = None  # MultiDiffusion tile side in px (default: the model's native size, when larger)
-    tile_overlap: float = 0.5  # share of a tile its neighbour also covers
-    seamless: bool = False  # periodic slices: the image tiles with itself
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:

@@ -5,7 +5,6 @@ samplers."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from ldm_finetune.data.records import (class_name, pixel_sizes, read_records, sc
                                        training_classes)
 from ldm_finetune.generation.scanner import (parse_window, pixel_size_for, run_pixel_sizes, run_windows, window_for,
                                              write_tiff)
+from ldm_finetune.generation.settings import SampleSettings
 from ldm_finetune.models.denoisers import local_denoiser
 from ldm_finetune.models.diffusion import ddim_timesteps, make_schedule, sample
 from ldm_finetune.models.pixel_unet import load_pixel_model, to_grey_arrays
@@ -51,30 +51,6 @@ def _trajectory_steps(text: str, sampler: str, steps: int, T: int = 1000) -> lis
         visited = ddim_timesteps(T, steps)
         wanted = [min(visited, key=lambda v: abs(v - t)) for t in wanted]
     return sorted(set(wanted), reverse=True)
-
-
-@dataclass
-class SampleSettings:
-    """What `ldm-finetune sample` asks for (the CLI's flags, one field each)."""
-    out: Path
-    model: Path | None = None  # a pixel DDPM model folder; or baseline="local-score"
-    class_name: str | None = None  # e.g. dry/thickness (class-conditional models)
-    n: int = 8
-    sampler: str = "ddim"  # ddpm (all T steps) or ddim (`steps`)
-    steps: int = 50
-    eta: float = 0.0
-    guidance: float = 1.0
-    seed: int = 0
-    trajectory: str | None = None  # "999,500,100": also save x_t at these timesteps
-    bits: int = 8
-    baseline: str | None = None  # "local-score": the training-free baseline instead of a model
-    patch: int = 5
-    train_dir: Path | None = None
-    resolution: int = 64
-    max_images: int = 64
-    schedule: str = "cosine"
-    format: str = "png"  # png, or tiff: scanner grey levels (generation/scanner.py)
-    window: str | None = None  # tiff: "LO,HI" instead of the window the model's training data recorded
 
 
 def sample_images(s: SampleSettings) -> list[Path]:
