@@ -81,7 +81,8 @@ def seams(base: Path, lora: Path, seeds: list[int]) -> dict:
     naive_rows, naive_columns = tile_joins(64, 256, Tiling(32, 32, 0.0), 4)
     rng = np.random.default_rng(0)
     for name, flags in (("multidiffusion", {}), ("side_by_side", {"tile_overlap": 0.0}),
-                        ("seamless", {"seamless": True})):
+                        ("shifted_tiles", {"tile_blend": "shift"}), ("seamless", {"seamless": True}),
+                        ("seamless_shifted", {"seamless": True, "tile_blend": "shift"})):
         images = [i for row in draw_fn(base, lora, height=64, width=256, **flags)(PROMPTS, seeds) for i in row]
         lines = [([int(rng.integers(1, 64))], [int(rng.integers(1, 256))]) for _ in images]
         out[name] = {"seam_score_at_tile_joins": float(np.mean([seam_score(i, naive_rows, naive_columns)
@@ -95,7 +96,7 @@ def seams(base: Path, lora: Path, seeds: list[int]) -> dict:
 
 # the crops' variants: how the tiles are blended, and whether the VAE decodes the field whole or in its own tiles
 CROP_VARIANTS = {"overlap_0.5": {}, "overlap_0.25": {"tile_overlap": 0.25}, "side_by_side": {"tile_overlap": 0.0},
-                 "overlap_0.5_vae_whole": {"vae_whole": True}}
+                 "overlap_0.5_vae_whole": {"vae_whole": True}, "shifted_tiles": {"tile_blend": "shift"}}
 
 
 def crops_against_native(base: Path, lora: Path, data: Path, work: Path, n: int) -> dict:

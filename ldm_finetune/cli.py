@@ -182,7 +182,7 @@ def _generate(args: argparse.Namespace) -> None:
         negative_prompt=args.negative_prompt, scheduler=args.scheduler, height=args.height, width=args.width,
         grayscale=args.grayscale, loras=[parse_lora_arg(x) for x in args.lora or []], embeddings=args.embedding or [],
         format=args.format, window=parse_window(args.window) if args.window else None, tile=args.tile,
-        tile_overlap=args.tile_overlap, seamless=args.seamless)
+        tile_overlap=args.tile_overlap, tile_blend=args.tile_blend, seamless=args.seamless)
     if args.dataset is None and args.out is None:
         raise UserError("generate: pass --out DIR (images) or --dataset DIR (a synthetic dataset)")
     if args.dataset is None and not args.prompt:
@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "native size)")
     setting(p, "--tile-overlap", GenerateSettings, "share of a tile its neighbour also covers (0 shows seams)",
             metavar="F")
+    setting(p, "--tile-blend", GenerateSettings, "mean: overlapping tiles averaged (MultiDiffusion); shift: "
+            "side-by-side tiles moved at every step, which keeps the texture's contrast (--tile-overlap unused)",
+            choices=["mean", "shift"])
     p.add_argument("--seamless", action="store_true",
                    help="periodic images that tile with themselves, like the weave (circular padding, wrapping tiles)")
     p.add_argument("--grayscale", action="store_true", help="save single-channel PNGs (CT slices are grey)")

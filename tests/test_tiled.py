@@ -9,7 +9,7 @@ import pytest
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.evaluation.metrics import seam_score
 from ldm_finetune.generation.generate import GenerateSettings, generate, load_pipeline
-from ldm_finetune.generation.tiled import Tiling, plan_tiling, starts, tile_joins, tiled, windows
+from ldm_finetune.generation.tiled import Tiling, plan_tiling, shifted_windows, starts, tile_joins, tiled, windows
 from ldm_finetune.models.stable_diffusion import render
 from ldm_finetune.training.mini_base import shipped_mini_base
 
@@ -32,6 +32,24 @@ def test_tiles_cover_the_canvas_and_wrap_only_when_seamless():
     for rows, columns in tiles:
         covered[rows[:, None].numpy(), columns.numpy()] += 1
     assert covered.min() == covered.max() == 4  # every latent pixel under the same number of tiles
+
+
+def test_shifted_tiles_cover_the_canvas_and_move_at_every_call():
+    """The shift blend: side-by-side tiles (each latent pixel under one tile, but within a tile of the edge, where
+    the clamped edge tiles overlap their neighbours), on a grid that moves between calls; seamless grids wrap round
+    the edges and cover every pixel exactly once."""
+    for seamless in (False, True):
+        tiling = Tiling(32, 32, seamless=seamless, blend="shift")
+        grids = set()
+        for call in range(4):
+            covered = np.zeros((32, 64), int)
+            tiles = shifted_windows(32, 64, tiling, 4, call)
+            for rows, columns in tiles:
+                covered[rows[:, None].numpy(), columns.numpy()] += 1
+            assert covered.min() >= 1 and (covered[8:-8, 8:-8] == 1).all()
+            assert covered.max() == 1 if seamless else covered.max() <= 4
+            grids.add(tuple((int(r[0]), int(c[0])) for r, c in tiles))
+        assert len(grids) == 4  # the joins move at every call
 
 
 def test_one_tile_is_the_plain_pipeline(mini):
@@ -79,6 +97,7 @@ def _load(path):
     ({"height": 64, "width": 256, "tile": 96}, "larger than the output"),
     ({"height": 64, "width": 256, "tile": 36}, "multiple of 8"),
     ({"height": 64, "width": 256, "tile_overlap": 1.0}, "below 1"),
+    ({"height": 64, "width": 256, "tile_blend": "max"}, "choose mean or shift"),
 ])
 def test_bad_sizes_are_one_line_and_write_nothing(mini, tmp_path, kwargs, message):
     with pytest.raises(UserError, match=message) as error:

@@ -42,10 +42,18 @@ class Tiling:
     tile_w: int
     overlap: float = 0.5  # share of a tile its neighbour also covers; 0 = side-by-side tiles (seams show)
     seamless: bool = False
+    blend: str = "mean"  # mean: overlapping tiles' predictions averaged (MultiDiffusion); shift: see SHIFT_BLEND
+
+
+BLENDS = ("mean", "shift")
+# "shift": side-by-side tiles whose grid moves at every UNet call (quasi-random offsets, golden-ratio steps), so each
+# latent pixel gets one tile's prediction per step and no join stays in one place. Averaging overlapping predictions
+# shrinks their spread, which flattens the texture's contrast; moving joins do not.
+GOLDEN = (0.6180339887, 0.4142135624)  # offset steps down the rows and across the columns, as shares of a tile
 
 
 def plan_tiling(pipe, height: int | None, width: int | None, tile: int | None, overlap: float,
-                seamless: bool) -> Tiling | None:
+                seamless: bool, blend: str = "mean") -> Tiling | None:
     """The tiling for an output of height x width, or None when the plain pipeline draws it (native size or less,
     no --tile, not seamless). Bad combinations are one-line errors."""
     native = native_side(pipe)
@@ -59,10 +67,12 @@ def plan_tiling(pipe, height: int | None, width: int | None, tile: int | None, o
                         f"{min(height, width) // step * step} or less")
     if not 0 <= overlap < 1:
         raise UserError(f"--tile-overlap {overlap}: must be at least 0 and below 1")
+    if blend not in BLENDS:
+        raise UserError(f"--tile-blend {blend!r}: choose {' or '.join(BLENDS)}")
     if tile is None and max(height, width) <= native and not seamless:
         return None
     side = tile or native
-    return Tiling(min(side, height), min(side, width), overlap, seamless)
+    return Tiling(min(side, height), min(side, width), overlap, seamless, blend)
 
 
 def starts(size: int, tile: int, stride: int, wrap: bool) -> list[int]:
@@ -96,18 +106,43 @@ def windows(height: int, width: int, tiling: Tiling, factor: int) -> list[tuple[
             for y in starts(height, th, sh, tiling.seamless) for x in starts(width, tw, sw, tiling.seamless)]
 
 
+def shifted_starts(size: int, tile: int, offset: int, wrap: bool) -> list[int]:
+    """Side-by-side tile starts moved back by `offset`: with wrap around the circle, else clamped inside the canvas
+    (the edge tiles then overlap their neighbour a little)."""
+    if tile >= size:
+        return [0]
+    if wrap:
+        return [(s - offset) % size for s in range(0, size, tile)]
+    return sorted({min(max(s, 0), size - tile) for s in range(-offset, size, tile)})
+
+
+def shifted_windows(height: int, width: int, tiling: Tiling, factor: int, call: int):
+    """The tiles of the `call`-th UNet call under the shift blend."""
+    (th, _), (tw, _) = tile_grid(tiling, factor)
+    dy, dx = (int(call * g % 1 * t) for g, t in zip(GOLDEN, (th, tw)))
+    return [(torch.arange(y, y + th) % height, torch.arange(x, x + tw) % width)
+            for y in shifted_starts(height, th, dy, tiling.seamless)
+            for x in shifted_starts(width, tw, dx, tiling.seamless)]
+
+
 def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int):
     """A forward for `unet` that predicts a canvas of any size from native-size tiles (see the module docstring)."""
     forward = unet.forward  # bound: whatever forward the UNet has now (hooks included)
     (th, _), (tw, _) = tile_grid(tiling, factor)
-    weight = tent(th)[:, None] * tent(tw)[None, :]
-    layouts = {}  # canvas (height, width) -> its tiles: the same at every step
+    shift = tiling.blend == "shift"
+    weight = torch.ones(th, tw) if shift else tent(th)[:, None] * tent(tw)[None, :]
+    layouts = {}  # canvas (height, width) -> its tiles: the same at every step (mean blend)
+    calls = [0]  # UNet calls so far: the shift blend moves its grid at each
 
     def blended(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         batch, _, height, width = sample.shape
-        if (height, width) not in layouts:
-            layouts[height, width] = windows(height, width, tiling, factor)
-        tiles = layouts[height, width]
+        if shift:
+            tiles = shifted_windows(height, width, tiling, factor, calls[0])
+            calls[0] += 1
+        else:
+            if (height, width) not in layouts:
+                layouts[height, width] = windows(height, width, tiling, factor)
+            tiles = layouts[height, width]
         weight_here = weight.to(sample.device, sample.dtype)
         total = torch.zeros_like(sample)
         weights = torch.zeros(height, width, device=sample.device, dtype=sample.dtype)
