@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "full-depth squares for warp/weft)")
     p.add_argument("--stride", metavar="N|ORIENT=N,...", help="keep every N-th slice (e.g. 4, or thickness=2,warp=8)")
     p.add_argument("--orientations", nargs="+", metavar="ORIENT", help="subset of: thickness warp weft")
-    setting(p, "--warp-axis", PrepConfig, "warp images are planes at fixed y or fixed x", merged=True, choices=["y", "x"])
+    setting(p, "--warp-axis", PrepConfig, "warp images are planes at fixed y or fixed x", merged=True,
+            choices=["y", "x"])
     setting(p, "--spacing", PrepConfig, "voxel size; depth is resampled to isotropic", merged=True, sep=",",
             metavar="Z,Y,X", type=str)
     p.add_argument("--spacing-unit", metavar="UNIT", help="unit of --spacing (um, mm, ...): generated TIFFs carry "
@@ -288,11 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     setting(p, "--bits", PrepConfig, "PNG bit depth", merged=True, choices=[8, 16])
     setting(p, "--window", PrepConfig, "grey-level window: per volume (auto), pooled over all volumes (shared), or "
             "fixed", merged=True, metavar="auto|shared|LO,HI")
-    setting(p, "--percentiles", PrepConfig, "percentiles for auto/shared windows", merged=True, sep=",", metavar="LO,HI",
-            type=str)
+    setting(p, "--percentiles", PrepConfig, "percentiles for auto/shared windows", merged=True, sep=",",
+            metavar="LO,HI", type=str)
     setting(p, "--sample-pages", PrepConfig, "pages sampled for the window histogram", merged=True, metavar="N")
-    setting(p, "--memory-budget", PrepConfig, "most volume data in memory at once", name="memory_budget_mb", merged=True,
-            metavar="MB")
+    setting(p, "--memory-budget", PrepConfig, "most volume data in memory at once", name="memory_budget_mb",
+            merged=True, metavar="MB")
     setting(p, "--split-axis", SplitConfig, "in-plane axis of the validation block", name="axis", merged=True,
             choices=["y", "x"])
     setting(p, "--split-fraction", SplitConfig, "share of that axis for validation", name="fraction", merged=True,
@@ -377,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grayscale", action="store_true", help="save single-channel PNGs (CT slices are grey)")
     setting(p, "--format", GenerateSettings, "png, or tiff: one grey channel in the scanner's units (prep's window "
             "inverted; uint16 when it fits), facts in the tag", choices=["png", "tiff"])
-    p.add_argument("--window", metavar="LO,HI", help="tiff: the scanner window (default: the one the run recorded; write --window=LO,HI when LO < 0)")
+    p.add_argument("--window", metavar="LO,HI", help="tiff: the scanner window (default: the one the run recorded; "
+                   "write --window=LO,HI when LO < 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder")
     p.add_argument("--dataset", type=Path, metavar="DIR",
                    help="instead of --out: a synthetic dataset in prep's layout (metadata.jsonl, synthetic: true) "
@@ -406,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample grey slices with the project's DDPM / DDIM samplers: from a model trained "
                        "with recipes/ddpm_pixel.yaml (--model OUTPUT_DIR/model), or from the training-free patch "
                        "baseline of reverse diffusion with the locally constrained optimal score (--baseline "
-                       "local-score --train-dir DIR). Writes OUT/<class>_<seed>_<i>.png (or .tif) and OUT/sampling.json.")
+                       "local-score --train-dir DIR). Writes OUT/<class>_<seed>_<i>.png (or .tif) and "
+                       "OUT/sampling.json.")
     p.add_argument("--model", type=Path, metavar="DIR", help="pixel DDPM model folder (OUTPUT_DIR/model)")
     p.add_argument("--class", dest="class_name", metavar="STATE/ORIENT", help="class to sample, e.g. dry/thickness")
     setting(p, "--n", SampleSettings, "number of images")
@@ -433,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", help="weight-free fidelity, memorisation, 3D consistency and drift report",
                        description="Compare generated slices with real ones and write OUT/metrics.json and "
-                       "OUT/report.html. Either give an evaluation config (models to sample, probes: see docs/evaluation.md), "
+                       "OUT/report.html. Either give an evaluation config (models to sample, probes: see "
+                       "docs/evaluation.md), "
                        "or --real and one or more --generated folders (DIR/<state>__<orientation>/*.png for "
                        "per-concept numbers, or a flat folder).")
     p.add_argument("config", nargs="?", type=Path, metavar="CONFIG.yaml", help="evaluation config (optional)")
@@ -456,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=20, help="number of candidates to list")
     p.set_defaults(func=_identifiers)
 
-    p = command("demo", help="run the whole pipeline on built-in synthetic data (CPU, ~10 min)",
+    p = command("demo", help="run the whole pipeline on built-in synthetic data (CPU, ~11 min on 2 cores)",
                        description="The main job on the built-in default; no GPU, network or private data needed. "
                        "Synthetic woven-composite CT volumes -> captioned dataset -> LoRA+DreamBooth and Textual "
                        "Inversion on the mini base, a small SD pretrained on a procedural world and shipped with the "

@@ -46,10 +46,13 @@ class Tiling:
 
 
 BLENDS = ("mean", "shift")
-# "shift": side-by-side tiles whose grid moves at every UNet call (quasi-random offsets, golden-ratio steps), so each
-# latent pixel gets one tile's prediction per step and no join stays in one place. Averaging overlapping predictions
-# shrinks their spread, which flattens the texture's contrast; moving joins do not.
+# "shift": while the layout forms (t >= SHIFT_BELOW x T) overlapping tiles are averaged as in "mean"; below it,
+# side-by-side tiles whose grid moves at every UNet call (quasi-random offsets, golden-ratio steps), so each latent
+# pixel gets one tile's prediction per step and no join stays in one place. Averaging overlapping predictions
+# shrinks their spread, which flattens the texture's contrast; moving joins do not. Side-by-side tiles from the
+# first step on leave seams, since the coarse layout is set in the noisiest steps.
 GOLDEN = (0.6180339887, 0.4142135624)  # offset steps down the rows and across the columns, as shares of a tile
+SHIFT_BELOW = 0.5
 
 
 def plan_tiling(pipe, height: int | None, width: int | None, tile: int | None, overlap: float,
@@ -125,24 +128,24 @@ def shifted_windows(height: int, width: int, tiling: Tiling, factor: int, call: 
             for x in shifted_starts(width, tw, dx, tiling.seamless)]
 
 
-def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int):
+def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int, train_steps: int = 1000):
     """A forward for `unet` that predicts a canvas of any size from native-size tiles (see the module docstring)."""
     forward = unet.forward  # bound: whatever forward the UNet has now (hooks included)
     (th, _), (tw, _) = tile_grid(tiling, factor)
-    shift = tiling.blend == "shift"
-    weight = torch.ones(th, tw) if shift else tent(th)[:, None] * tent(tw)[None, :]
-    layouts = {}  # canvas (height, width) -> its tiles: the same at every step (mean blend)
-    calls = [0]  # UNet calls so far: the shift blend moves its grid at each
+    tent_weight, flat_weight = tent(th)[:, None] * tent(tw)[None, :], torch.ones(th, tw)
+    layouts = {}  # canvas (height, width) -> its overlapping tiles: the same at every step
+    calls = [0]  # shifted calls so far: the shift blend moves its grid at each
 
     def blended(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         batch, _, height, width = sample.shape
-        if shift:
-            tiles = shifted_windows(height, width, tiling, factor, calls[0])
+        t = float(torch.as_tensor(timestep).flatten()[0])
+        if tiling.blend == "shift" and t < SHIFT_BELOW * train_steps:
+            tiles, weight = shifted_windows(height, width, tiling, factor, calls[0]), flat_weight
             calls[0] += 1
         else:
             if (height, width) not in layouts:
                 layouts[height, width] = windows(height, width, tiling, factor)
-            tiles = layouts[height, width]
+            tiles, weight = layouts[height, width], tent_weight
         weight_here = weight.to(sample.device, sample.dtype)
         total = torch.zeros_like(sample)
         weights = torch.zeros(height, width, device=sample.device, dtype=sample.dtype)
@@ -210,7 +213,8 @@ def tiled(pipe, tiling: Tiling | None, height: int, width: int):
     if not decode_whole:
         vae.enable_tiling()
     try:
-        with replaced_forward(unet, tiled_forward(unet, tiling, factor)), \
+        forward = tiled_forward(unet, tiling, factor, pipe.scheduler.config.num_train_timesteps)
+        with replaced_forward(unet, forward), \
                 periodic(unet, tiling.seamless and single_h, tiling.seamless and single_w), \
                 periodic(vae.decoder, tiling.seamless, tiling.seamless):
             yield
