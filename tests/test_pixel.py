@@ -132,6 +132,10 @@ def test_sample_tiff_refuses_a_bad_window(pixel_run, tmp_path, run_cli):
     code, _, err = run_cli("sample", "--model", pixel_run, "--n", "1", "--steps", "2", "--format", "tiff",
                            "--class", "dry/thickness", "--window", "7,3", "--out", tmp_path / "x")
     assert code == 2 and "LO must be below HI" in err and not (tmp_path / "x").exists()
+    code, _, err = run_cli("sample", "--baseline", "local-score", "--format", "tiff", "--out", tmp_path / "y")
+    assert code == 2 and "needs --train-dir" in err and not (tmp_path / "y").exists()
+    code, _, err = run_cli("sample", "--format", "tiff", "--out", tmp_path / "z")
+    assert code == 2 and "sample needs --model" in err and not (tmp_path / "z").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -60,10 +60,12 @@ def sample_images(s: SampleSettings) -> list[Path]:
     trajectory = _trajectory_steps(s.trajectory, s.sampler, s.steps) if s.trajectory else []
     if s.n < 1:
         raise UserError(f"--n {s.n}: ask for at least one image")
+    if s.baseline == "local-score" and s.train_dir is None:
+        raise UserError("--baseline local-score needs --train-dir (a prep output's train/ folder)")
+    if s.baseline != "local-score" and s.model is None:
+        raise UserError("sample needs --model DIR (a pixel DDPM model folder) or --baseline local-score")
     scanner = _scanner_settings(s) if s.format == "tiff" else None  # refusals before minutes of sampling
     if s.baseline == "local-score":
-        if s.train_dir is None:
-            raise UserError("--baseline local-score needs --train-dir (a prep output's train/ folder)")
         schedule = make_schedule(s.schedule)
         slices = baseline_slices(s.train_dir, s.class_name, CLASS_COLUMNS, s.resolution,
                                  s.max_images)
@@ -74,8 +76,6 @@ def sample_images(s: SampleSettings) -> list[Path]:
         source = {"baseline": "local-score", "patch": s.patch, "train_dir": str(s.train_dir),
                   "training_images": len(slices), "schedule": s.schedule}
     else:
-        if s.model is None:
-            raise UserError("sample needs --model DIR (a pixel DDPM model folder) or --baseline local-score")
         model = load_pixel_model(s.model)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         images, saved = model.sample(s.n, s.class_name, s.sampler, s.steps, s.eta, s.guidance,
@@ -111,14 +111,14 @@ def _scanner_settings(s: SampleSettings) -> tuple[tuple[float, float], dict]:
     """The window and the facts a TIFF of this class gets: from the model folder's record, or for the baseline from
     its training slices' metadata rows."""
     if s.baseline == "local-score":
-        records = read_records(s.train_dir) if s.train_dir is not None else []
+        records = read_records(s.train_dir)
         windows = {k: tuple(v) for k, v in scanner_windows(records).items()}
-        sizes = {k: tuple(v) for k, v in pixel_sizes(records, s.resolution).items()} if records else {}
+        sizes = {k: tuple(v) for k, v in pixel_sizes(records, s.resolution).items()}
         model_facts = {}
     else:
-        paths = [str(s.model)] if s.model is not None else []
+        paths = [str(s.model)]
         windows, sizes = run_windows(paths), run_pixel_sizes(paths)
-        weights = sorted(Path(s.model).rglob("diffusion_pytorch_model.safetensors")) if s.model else []
+        weights = sorted(Path(s.model).rglob("diffusion_pytorch_model.safetensors"))
         model_facts = {"model_sha256": files_sha256(weights)} if weights else {}
     named = (s.class_name or "").replace("/", " ")  # 'dry-compacted/warp' names dry-compacted and warp as words
     window, state = window_for(named, windows, parse_window(s.window) if s.window else None, what="--class")
