@@ -189,9 +189,9 @@ def generate(model: str, settings: GenerateSettings, out: str | Path, pipe=None)
     windows = sizes = None
     if settings.format == "tiff":  # every prompt's window is settled before anything renders
         paths = [model] + [p for p, _ in settings.loras] + settings.embeddings
-        recorded = run_windows(paths)
+        recorded, pixel_sizes = run_windows(paths), run_pixel_sizes(paths)  # each file's header read once
         windows = {p: window_for(p, recorded, settings.window) for p in settings.prompts}
-        sizes = {p: pixel_size_for(p, run_pixel_sizes(paths)) for p in settings.prompts}
+        sizes = {p: pixel_size_for(p, pixel_sizes) for p in settings.prompts}
     pipe, draw = prepared_pipeline(model, settings, pipe)
     seeds = [settings.seed + i for i in range(settings.n)]
     rows = draw(settings.prompts, seeds)

@@ -91,11 +91,12 @@ def sample_images(s: SampleSettings) -> list[Path]:
         for i, image in enumerate(((images.float().clamp(-1, 1) + 1) / 2).cpu().numpy()):
             written.append(write_tiff(out / f"{stem}_{s.seed}_{i:03d}.tif", image[0], window,
                                       facts | {"seed": s.seed, "index": i}))
-    for i, array in enumerate(to_grey_arrays(images.float(), s.bits) if scanner is None else []):
-        path = out / f"{stem}_{s.seed}_{i:03d}.png"
-        with atomic_path(path) as tmp:
-            Image.fromarray(array).save(tmp, format="PNG")
-        written.append(path)
+    else:
+        for i, array in enumerate(to_grey_arrays(images.float(), s.bits)):
+            path = out / f"{stem}_{s.seed}_{i:03d}.png"
+            with atomic_path(path) as tmp:
+                Image.fromarray(array).save(tmp, format="PNG")
+            written.append(path)
     for t, x_t in saved.items():
         for i, array in enumerate(to_grey_arrays(x_t.float(), 8)):
             folder = out / "trajectory"

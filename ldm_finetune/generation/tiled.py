@@ -42,7 +42,7 @@ class Tiling:
     tile_w: int
     overlap: float = 0.5  # share of a tile its neighbour also covers; 0 = side-by-side tiles (seams show)
     seamless: bool = False
-    blend: str = "mean"  # mean: overlapping tiles' predictions averaged (MultiDiffusion); shift: see SHIFT_BLEND
+    blend: str = "mean"  # mean: overlapping tiles' predictions averaged (MultiDiffusion); shift: see below
 
 
 BLENDS = ("mean", "shift")
@@ -105,8 +105,14 @@ def tile_grid(tiling: Tiling, factor: int) -> tuple[tuple[int, int], tuple[int, 
 def windows(height: int, width: int, tiling: Tiling, factor: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(rows, columns) latent index tensors of every tile; indices wrap modulo the canvas when seamless."""
     (th, sh), (tw, sw) = tile_grid(tiling, factor)
-    return [(torch.arange(y, y + th) % height, torch.arange(x, x + tw) % width)
-            for y in starts(height, th, sh, tiling.seamless) for x in starts(width, tw, sw, tiling.seamless)]
+    return _index_tiles(starts(height, th, sh, tiling.seamless), starts(width, tw, sw, tiling.seamless),
+                        (th, tw), (height, width))
+
+
+def _index_tiles(row_starts: list[int], column_starts: list[int], tile: tuple[int, int], canvas: tuple[int, int]):
+    """(rows, columns) index tensors of the tiles at every pair of starts, wrapping modulo the canvas."""
+    return [(torch.arange(y, y + tile[0]) % canvas[0], torch.arange(x, x + tile[1]) % canvas[1])
+            for y in row_starts for x in column_starts]
 
 
 def shifted_starts(size: int, tile: int, offset: int, wrap: bool) -> list[int]:
@@ -123,9 +129,8 @@ def shifted_windows(height: int, width: int, tiling: Tiling, factor: int, call: 
     """The tiles of the `call`-th UNet call under the shift blend."""
     (th, _), (tw, _) = tile_grid(tiling, factor)
     dy, dx = (int(call * g % 1 * t) for g, t in zip(GOLDEN, (th, tw)))
-    return [(torch.arange(y, y + th) % height, torch.arange(x, x + tw) % width)
-            for y in shifted_starts(height, th, dy, tiling.seamless)
-            for x in shifted_starts(width, tw, dx, tiling.seamless)]
+    return _index_tiles(shifted_starts(height, th, dy, tiling.seamless),
+                        shifted_starts(width, tw, dx, tiling.seamless), (th, tw), (height, width))
 
 
 def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int, train_steps: int = 1000):
