@@ -99,3 +99,37 @@ def test_mixed_precision_auto_is_the_shipped_default_and_fp32_on_a_cpu():
         assert load_config(path).train.mixed_precision == "auto", path.name
     assert resolve_precision("auto") == "no"  # these machines have no GPU; a CUDA GPU with bf16 gets "bf16"
     assert resolve_precision("fp16") == "fp16"  # an explicit choice is kept
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_hands_fit_the_same_typed_run_settings(path):
+    from ldm_finetune.core.configtools import to_dict
+    from ldm_finetune.training.config import RunSettings
+
+    cfg = load_config(path, ["validation.every_steps=7", "data.repeats=3"])
+    run = cfg.run_settings()
+    assert isinstance(run, RunSettings)
+    assert (run.output_dir, run.seed, run.train, run.checkpoint, run.logging) == \
+        (cfg.output_dir, cfg.seed, cfg.train, cfg.checkpoint, cfg.logging)
+    assert (run.validate_every, run.repeats, run.num_workers) == (7, 3, cfg.data.num_workers)
+    assert run.record == to_dict(cfg)  # what config.yaml records
+
+
+def test_fit_resolves_precision_on_a_copy_and_leaves_the_callers_settings_alone():
+    from ldm_finetune.training.fit import with_precision
+
+    cfg = load_config(LORA)
+    run = cfg.run_settings()
+    resolved = with_precision(run, "no")
+    assert resolved.train.mixed_precision == "no" and resolved.record["train"]["mixed_precision"] == "no"
+    assert run.train.mixed_precision == "auto" and run.record["train"]["mixed_precision"] == "auto"
+    assert cfg.train.mixed_precision == "auto"
+
+
+def test_a_run_without_a_dataset_section_gets_the_batch_error_not_a_crash(tmp_path):
+    from ldm_finetune.training.config import RunSettings, TrainConfig
+    from ldm_finetune.training.fit import check_batch
+
+    run = RunSettings(tmp_path, TrainConfig(batch_size=8, max_steps=1))  # as the mini base builds its phases
+    with pytest.raises(UserError, match=r"= 8 images per optimizer step.*5 per epoch \(data.repeats=1\)"):
+        check_batch(run, 5)

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 from ldm_finetune.adapters.registry import ADAPTERS
 from ldm_finetune.core.classes import CLASS_COLUMNS
-from ldm_finetune.core.configtools import apply_overrides, closest, from_dict, load_yaml
+from ldm_finetune.core.configtools import apply_overrides, closest, from_dict, load_yaml, to_dict
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.models.lora import LORA_TARGETS
 
@@ -230,6 +230,22 @@ class LoggingConfig:
         _positive("logging.every_steps", self.every_steps)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything `fit` and its step loop read (fit.py, loop.py), and nothing else: the contract between a task's
+    config and the loop. Recipe configs give theirs with `run_settings()`; the mini base builds its own."""
+    output_dir: Path
+    train: TrainConfig
+    seed: int = 0
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    num_workers: int = 0  # dataloader worker processes
+    validate_every: Optional[int] = None  # task.validate every N steps (None: only what the task does at the end)
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # checked against the machine before anything loads
+    repeats: int = 1  # data.repeats: named when a batch cannot fill an epoch
+    record: dict = field(default_factory=dict)  # the whole config, as OUTPUT_DIR/config.yaml and the trackers keep it
+
+
 @dataclass
 class RecipeConfig:
     recipe: str  # what trains: an adapter of adapters/registry.py (lora, full, textual_inversion, pivotal)
@@ -263,6 +279,11 @@ class RecipeConfig:
     @property
     def adapter_class(self):
         return ADAPTERS[self.recipe]
+
+    def run_settings(self) -> RunSettings:
+        return RunSettings(self.output_dir, self.train, self.seed, self.checkpoint, self.logging,
+                           self.data.num_workers, self.validation.every_steps, self.model.attention,
+                           self.data.repeats, to_dict(self))
 
     def _check_dreambooth(self):
         db = self.dreambooth
@@ -399,6 +420,11 @@ class PixelRecipeConfig:
     @property
     def text_encoder_trains(self) -> bool:
         return False
+
+    def run_settings(self) -> RunSettings:
+        return RunSettings(self.output_dir, self.train, self.seed, self.checkpoint, self.logging,
+                           self.data.num_workers, self.validation.every_steps, repeats=self.data.repeats,
+                           record=to_dict(self))
 
 
 def load_config(path: str | Path, overrides: list[str] = ()):

@@ -1,6 +1,7 @@
-"""`fit(cfg, task)`: the one training run every recipe goes through (SD adapters, the pixel DDPM, ...).
+"""`fit(run, task)`: the one training run every recipe goes through (SD adapters, the pixel DDPM, ...).
 
-fit owns what every run needs, written once: the environment check, accelerate (mixed precision, DDP, trackers),
+`run` (config.RunSettings) is all fit reads of a config: seed, output folder, train / checkpoint / logging sections,
+workers, validation cadence. fit owns what every run needs, written once: the environment check, accelerate (mixed precision, DDP, trackers),
 the seed, the dataloader with a resumable seeded order, the optimizer and LR schedule, the step budget,
 checkpoint / resume, the EMA of the weights, logging and validation hooks (the step loop itself is loop.py).
 A *task* supplies what differs (training/task.py): its models, the batch -> loss step, validation images and what
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,64 +24,63 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from ldm_finetune.core.configtools import to_dict
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.data.images import collate
-from ldm_finetune.models.ema import EMA
 from ldm_finetune.training.checkpoints import register_trainable_only_hooks, resolve_resume
+from ldm_finetune.training.config import RunSettings
 from ldm_finetune.training.loop import Loop, run_loop, start_tracking
 from ldm_finetune.training.run_lock import RunLock
 from ldm_finetune.training.task import Task
 
 
-def fit(cfg, task: Task) -> Path:
-    """Train `task` as `cfg` says; returns the run folder."""
-    cfg.train.mixed_precision = resolve_precision(cfg.train.mixed_precision)  # config.yaml records what ran
-    check_environment(cfg)
+def fit(run: RunSettings, task: Task) -> Path:
+    """Train `task` as `run` says; returns the run folder."""
+    run = with_precision(run, resolve_precision(run.train.mixed_precision))  # config.yaml records what ran
+    check_environment(run)
     task.check()  # bad data fails here, before any model loads
-    check_batch(cfg, task.num_examples())
-    layout = RunLayout(cfg.output_dir)
-    resume_from = resolve_resume(cfg.checkpoint.resume, layout.checkpoints)
+    check_batch(run, task.num_examples())
+    layout = RunLayout(run.output_dir)
+    resume_from = resolve_resume(run.checkpoint.resume, layout.checkpoints)
 
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(run)
     lock = RunLock(layout.lock).acquire() if accelerator.is_main_process else None
     try:
-        return _fit(cfg, task, layout, accelerator, resume_from)
+        return _fit(run, task, layout, accelerator, resume_from)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _fit(cfg, task: Task, layout: RunLayout, accelerator, resume_from: Path | None) -> Path:
-    set_seed(cfg.seed, device_specific=True)  # different noise per process, reproducible per run
-    if cfg.train.allow_tf32 and torch.cuda.is_available():
+def _fit(run: RunSettings, task: Task, layout: RunLayout, accelerator, resume_from: Path | None) -> Path:
+    set_seed(run.seed, device_specific=True)  # different noise per process, reproducible per run
+    if run.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     dataset = task.build(accelerator)
     # the loader's own generator: starting an epoch must not draw from the global RNG that a resume restores
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
-                                             collate_fn=collate, num_workers=cfg.data.num_workers,
-                                             generator=torch.Generator().manual_seed(cfg.seed))
-    per_epoch, max_steps = resolve_steps(cfg, math.ceil(len(dataloader) / accelerator.num_processes))
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=run.train.batch_size, shuffle=True,
+                                             collate_fn=collate, num_workers=run.num_workers,
+                                             generator=torch.Generator().manual_seed(run.seed))
+    per_epoch, max_steps = resolve_steps(run, math.ceil(len(dataloader) / accelerator.num_processes))
     finished = finished_at(layout)
-    if cfg.checkpoint.resume is not None and finished >= max_steps:
+    if run.checkpoint.resume is not None and finished >= max_steps:
         accelerator.print(f"{layout.root} finished at step {finished} (train.max_steps={max_steps}): "
                           "nothing to do; raise train.max_steps to train longer")
         return layout.root
     if accelerator.is_main_process:
         layout.root.mkdir(parents=True, exist_ok=True)
-        layout.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        layout.config.write_text(yaml.safe_dump(run.record, sort_keys=False))
 
     groups = task.parameter_groups()
-    if cfg.train.scale_lr:
-        factor = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
+    if run.train.scale_lr:
+        factor = run.train.batch_size * run.train.gradient_accumulation_steps * accelerator.num_processes
         for g in groups:
             g["lr"] *= factor
-    optimizer = make_optimizer(cfg, groups)
+    optimizer = make_optimizer(run, groups)
     # accelerate steps the schedule once per process per optimizer step, hence the num_processes factors
-    lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer,
-                                 num_warmup_steps=cfg.train.lr_warmup_steps * accelerator.num_processes,
+    lr_scheduler = get_scheduler(run.train.lr_scheduler, optimizer,
+                                 num_warmup_steps=run.train.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
     trained = task.trained_models()
     prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
@@ -87,12 +88,12 @@ def _fit(cfg, task: Task, layout: RunLayout, accelerator, resume_from: Path | No
     optimizer, dataloader, lr_scheduler = prepared[len(trained):]
     task.use_prepared(models)
     register_trainable_only_hooks(accelerator)
-    hooks = _Hooks(task, make_ema(task, accelerator))
+    hooks = _Hooks(task, task.make_ema())
     for obj in task.checkpoint_objects() + ([hooks.ema] if hooks.ema is not None else []):
         accelerator.register_for_checkpointing(obj)
 
-    global_step = start_tracking(cfg, accelerator, resume_from)
-    loop = Loop(cfg=cfg, accelerator=accelerator, models=list(models.values()), optimizer=optimizer,
+    global_step = start_tracking(run, accelerator, resume_from)
+    loop = Loop(run=run, accelerator=accelerator, models=list(models.values()), optimizer=optimizer,
                 lr_scheduler=lr_scheduler, dataloader=dataloader, params=[p for g in groups for p in g["params"]],
                 step_fn=task.loss, hooks=hooks, validate=task.validate, max_steps=max_steps, per_epoch=per_epoch)
     global_step = run_loop(loop, global_step, resume_from)
@@ -112,22 +113,11 @@ def finished_at(layout: RunLayout) -> int:
     return int(json.loads(layout.finished.read_text())["global_step"])
 
 
-def make_ema(task: Task, accelerator) -> EMA | None:
-    """The EMA of the weights the task asks to average (task.ema_settings); it gets task.ema for export."""
-    settings = task.ema_settings()
-    if settings is None:
-        return None
-    model, decay, on_cpu = settings
-    task.ema = EMA(model.parameters(), decay, "cpu" if on_cpu else next(model.parameters()).device)
-    return task.ema
-
-
 class _Hooks:
     """The task's hooks around the optimizer step, then the EMA update."""
 
-    def __init__(self, task: Task, ema: EMA | None):
+    def __init__(self, task: Task, ema):
         self.task, self.ema = task, ema
-        self.averaged = task.ema_settings()[0] if ema is not None else None
 
     def before_optimizer_step(self, step: int) -> None:
         self.task.before_optimizer_step(step)
@@ -135,7 +125,7 @@ class _Hooks:
     def after_optimizer_step(self, step: int) -> None:
         self.task.after_optimizer_step(step)
         if self.ema is not None:
-            self.ema.update(self.averaged.parameters())
+            self.ema.update()
 
 
 def resolve_precision(requested: str) -> str:
@@ -146,10 +136,18 @@ def resolve_precision(requested: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def check_environment(cfg) -> None:
+def with_precision(run: RunSettings, precision: str) -> RunSettings:
+    """A copy of `run` training in `precision` (its record says so too); the caller's settings stay as they were."""
+    record = dict(run.record)
+    if "train" in record:
+        record["train"] = {**record["train"], "mixed_precision": precision}
+    return replace(run, train=replace(run.train, mixed_precision=precision), record=record)
+
+
+def check_environment(run: RunSettings) -> None:
     """Options that need something this machine may lack: fail now, not after the model loaded."""
 
-    if getattr(cfg.model, "attention", "sdpa") == "xformers":
+    if run.attention == "xformers":
         try:
             import xformers  # noqa: F401
         except ImportError:
@@ -157,24 +155,24 @@ def check_environment(cfg) -> None:
                             "(pip install 'ldm_finetune[gpu]'), or use model.attention=sdpa") from None
         if not torch.cuda.is_available():
             raise UserError("model.attention=xformers needs a CUDA GPU; use model.attention=sdpa on CPU")
-    if cfg.train.optimizer == "adamw8bit":
+    if run.train.optimizer == "adamw8bit":
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("train.optimizer=adamw8bit needs bitsandbytes (pip install 'ldm_finetune[gpu]'), "
                             "or use train.optimizer=adamw") from None
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+    if run.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
-    if cfg.train.mixed_precision == "bf16" and not torch.cuda.is_available():
+    if run.train.mixed_precision == "bf16" and not torch.cuda.is_available():
         # measured on a 2-core CPU: the small pixel DDPM took 13.3 s/step under bf16 autocast and 1.15 s in fp32
         print("warning: train.mixed_precision=bf16 on a CPU is about 10x slower than fp32; add "
               "train.mixed_precision=no", file=sys.stderr)
 
 
-def make_optimizer(cfg, groups: list[dict]):
-    settings = dict(betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_epsilon,
-                    weight_decay=cfg.train.weight_decay)
-    if cfg.train.optimizer == "adamw8bit":
+def make_optimizer(run: RunSettings, groups: list[dict]):
+    settings = dict(betas=(run.train.adam_beta1, run.train.adam_beta2), eps=run.train.adam_epsilon,
+                    weight_decay=run.train.weight_decay)
+    if run.train.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
         # 8-bit optimizer states (Dettmers et al. 2022): ~75 % less optimizer memory
@@ -185,37 +183,37 @@ def make_optimizer(cfg, groups: list[dict]):
     return torch.optim.AdamW(groups, fused=fused or None, **settings)
 
 
-def check_batch(cfg, examples: int | None) -> None:
+def check_batch(run: RunSettings, examples: int | None) -> None:
     """An optimizer step must be able to see its full effective batch within one epoch; otherwise every epoch ends
     in a short accumulation and the batch the recipe asks for never happens."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    need = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * processes
+    need = run.train.batch_size * run.train.gradient_accumulation_steps * processes
     if examples is None or need <= examples:
         return
-    shown = f"train.batch_size={cfg.train.batch_size} x train.gradient_accumulation_steps=" \
-            f"{cfg.train.gradient_accumulation_steps}" + (f" x {processes} processes" if processes > 1 else "")
+    shown = f"train.batch_size={run.train.batch_size} x train.gradient_accumulation_steps=" \
+            f"{run.train.gradient_accumulation_steps}" + (f" x {processes} processes" if processes > 1 else "")
     raise UserError(f"{shown} = {need} images per optimizer step, but the training set gives {examples} per epoch "
-                    f"(data.repeats={cfg.data.repeats}): lower the batch or accumulation, or raise data.repeats")
+                    f"(data.repeats={run.repeats}): lower the batch or accumulation, or raise data.repeats")
 
 
-def resolve_steps(cfg, batches_per_epoch: int) -> tuple[int, int]:
+def resolve_steps(run: RunSettings, batches_per_epoch: int) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
-    per_epoch = max(1, math.ceil(batches_per_epoch / cfg.train.gradient_accumulation_steps))
-    total = cfg.train.max_steps if cfg.train.max_steps is not None else cfg.train.epochs * per_epoch
+    per_epoch = max(1, math.ceil(batches_per_epoch / run.train.gradient_accumulation_steps))
+    total = run.train.max_steps if run.train.max_steps is not None else run.train.epochs * per_epoch
     return per_epoch, total
 
 
-def make_accelerator(cfg):
+def make_accelerator(run: RunSettings):
     # a second run in the same process (tests, the demo) may ask for another precision: start from a clean state
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
-        project_config=ProjectConfiguration(project_dir=str(cfg.output_dir),
-                                            logging_dir=str(RunLayout(cfg.output_dir).logs)),
+        gradient_accumulation_steps=run.train.gradient_accumulation_steps,
+        mixed_precision=run.train.mixed_precision,
+        log_with=None if run.logging.report_to == "none" else run.logging.report_to,
+        project_config=ProjectConfiguration(project_dir=str(run.output_dir),
+                                            logging_dir=str(RunLayout(run.output_dir).logs)),
         # a seeded sampler whose order depends only on (seed, epoch): resuming replays the same data order
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed),
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:

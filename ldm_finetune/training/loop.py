@@ -18,16 +18,16 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ldm_finetune.core.configtools import to_dict
 from ldm_finetune.core.errors import TrainingStopped
 from ldm_finetune.core.io import atomic_path
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.training.checkpoints import read_state, save_checkpoint
+from ldm_finetune.training.config import RunSettings
 
 
 @dataclass
 class Loop:
-    cfg: Any  # needs train, checkpoint, logging, validation.every_steps, output_dir
+    run: RunSettings
     accelerator: Any
     models: list  # the prepared models that hold trainable parameters (for gradient accumulation)
     optimizer: Any
@@ -51,7 +51,7 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def start_tracking(cfg, accelerator, resume_from: Path | None) -> int:
+def start_tracking(run: RunSettings, accelerator, resume_from: Path | None) -> int:
     """Load the checkpoint to resume from (if any), start the trackers; returns the global step to start at."""
 
     global_step = 0
@@ -60,8 +60,8 @@ def start_tracking(cfg, accelerator, resume_from: Path | None) -> int:
         accelerator.load_state(str(resume_from))
         global_step = read_state(resume_from)["global_step"]
     if accelerator.is_main_process:
-        keep_metrics_until(RunLayout(cfg.output_dir).metrics, global_step)
-        accelerator.init_trackers("ldm_finetune", config={k: str(v) for k, v in flatten(to_dict(cfg)).items()})
+        keep_metrics_until(RunLayout(run.output_dir).metrics, global_step)
+        accelerator.init_trackers("ldm_finetune", config={k: str(v) for k, v in flatten(run.record).items()})
     return global_step
 
 
@@ -98,8 +98,8 @@ def run_loop(loop: Loop, global_step: int, last_checkpoint: Path | None) -> int:
 
 
 def _train_steps(loop: Loop, global_step: int, last_checkpoint: Path | None, progress) -> int:
-    cfg, accelerator = loop.cfg, loop.accelerator
-    layout = RunLayout(cfg.output_dir)
+    run, accelerator = loop.run, loop.accelerator
+    layout = RunLayout(run.output_dir)
     log_path = layout.metrics
     started = time.time()
     first_epoch = global_step // loop.per_epoch
@@ -108,7 +108,7 @@ def _train_steps(loop: Loop, global_step: int, last_checkpoint: Path | None, pro
         loop.dataloader.set_epoch(epoch)
         batches = loop.dataloader
         if epoch == first_epoch and global_step % loop.per_epoch:
-            skip = (global_step % loop.per_epoch) * cfg.train.gradient_accumulation_steps
+            skip = (global_step % loop.per_epoch) * run.train.gradient_accumulation_steps
             batches = accelerator.skip_first_batches(loop.dataloader, skip)
         for batch in batches:
             with accelerator.accumulate(*loop.models), accelerator.autocast():
@@ -117,8 +117,8 @@ def _train_steps(loop: Loop, global_step: int, last_checkpoint: Path | None, pro
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     loop.hooks.before_optimizer_step(global_step)
-                    if cfg.train.max_grad_norm:
-                        accelerator.clip_grad_norm_(loop.params, cfg.train.max_grad_norm)
+                    if run.train.max_grad_norm:
+                        accelerator.clip_grad_norm_(loop.params, run.train.max_grad_norm)
                 loop.optimizer.step()
                 loop.lr_scheduler.step()
                 loop.optimizer.zero_grad(set_to_none=True)
@@ -137,7 +137,7 @@ def _train_steps(loop: Loop, global_step: int, last_checkpoint: Path | None, pro
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}")
             lr = loop.lr_scheduler.get_last_lr()[0]
-            if global_step % cfg.logging.every_steps == 0 or global_step == loop.max_steps:
+            if global_step % run.logging.every_steps == 0 or global_step == loop.max_steps:
                 accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=global_step)
             if accelerator.is_main_process:
                 record = {"step": global_step, "loss": mean_loss, "lr": lr, "time": round(time.time() - started, 3)}
@@ -145,10 +145,10 @@ def _train_steps(loop: Loop, global_step: int, last_checkpoint: Path | None, pro
                     record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0:
+            if run.checkpoint.every_steps and global_step % run.checkpoint.every_steps == 0:
                 last_checkpoint = save_checkpoint(accelerator, layout.checkpoints, global_step,
-                                                  {"epoch": epoch}, cfg.checkpoint.total_limit)
-            every = cfg.validation.every_steps
+                                                  {"epoch": epoch}, run.checkpoint.total_limit)
+            every = run.validate_every
             if every and global_step % every == 0 and global_step < loop.max_steps:
                 loop.validate(global_step, f"step-{global_step:06d}")
             if global_step >= loop.max_steps:

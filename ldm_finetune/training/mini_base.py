@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm_finetune.core.configtools import to_dict
 from ldm_finetune.core.io import atomic_dir
 from ldm_finetune.data.world import (
     CLASS_PROMPTS,
@@ -53,7 +54,7 @@ from ldm_finetune.models.mini_base import (
 from ldm_finetune.models.stable_diffusion import SD_SCHEDULE, sd_pipeline
 from ldm_finetune.models.tokenizer import write_word_tokenizer
 from ldm_finetune.models.world_probe import WorldProbe, train_probe
-from ldm_finetune.training.config import CheckpointConfig, LoggingConfig, TrainConfig
+from ldm_finetune.training.config import LoggingConfig, RunSettings, TrainConfig
 from ldm_finetune.training.fit import fit
 from ldm_finetune.training.task import Task
 
@@ -80,45 +81,20 @@ class MiniBaseSettings:
     arch: MiniArchitecture = field(default_factory=MiniArchitecture)
 
 
-# --- what fit() reads from a config ---------------------------------------------------------------------------------
-
-@dataclass
-class _Data:
-    num_workers: int = 0
-
-
-@dataclass
-class _Model:
-    attention: str = "sdpa"
-    compile: bool = False
-
-
-@dataclass
-class _Validation:
-    every_steps: int | None = None
-
-
-@dataclass
-class PhaseConfig:
-    output_dir: Path
-    train: TrainConfig
-    seed: int = 0
-    data: _Data = field(default_factory=_Data)
-    model: _Model = field(default_factory=_Model)
-    validation: _Validation = field(default_factory=_Validation)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(report_to="none", every_steps=50))
-
+# --- each phase's run settings (what fit reads) ---------------------------------------------------------------------
 
 def phase_config(out: Path, steps: int, batch: int, lr: float, seed: int, warmup: int = 0,
-                 schedule: str = "constant_with_warmup") -> PhaseConfig:
-    return PhaseConfig(out, TrainConfig(batch_size=batch, max_steps=steps, learning_rate=lr, weight_decay=0.0,
-                                        lr_scheduler=schedule, lr_warmup_steps=warmup, mixed_precision="no"), seed)
+                 schedule: str = "constant_with_warmup") -> RunSettings:
+    train = TrainConfig(batch_size=batch, max_steps=steps, learning_rate=lr, weight_decay=0.0,
+                        lr_scheduler=schedule, lr_warmup_steps=warmup, mixed_precision="no")
+    logging = LoggingConfig(report_to="none", every_steps=50)
+    record = {"output_dir": str(out), "seed": seed, "train": to_dict(train), "logging": to_dict(logging)}
+    return RunSettings(out, train, seed, logging=logging, record=record)
 
 
 # --- phase 1: the VAE -----------------------------------------------------------------------------------------------
 
-def vae_phase_config(out: Path, settings: MiniBaseSettings) -> PhaseConfig:
+def vae_phase_config(out: Path, settings: MiniBaseSettings) -> RunSettings:
     # a cosine decay: CT is outside the VAE's data, and with a constant rate its PSNR there swung by 2 dB between
     # runs that differed only in thread count and length
     return phase_config(out, settings.vae_steps, settings.vae_batch, settings.vae_lr, settings.seed, schedule="cosine")

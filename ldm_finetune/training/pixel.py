@@ -21,6 +21,7 @@ from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.data.images import LabelledSlices
 from ldm_finetune.data.records import pixel_sizes, read_records, scanner_windows, training_classes
 from ldm_finetune.models.diffusion import make_schedule
+from ldm_finetune.models.ema import EMA
 from ldm_finetune.models.noise import diffusion_loss, perturb_noise, sample_noise, training_target
 from ldm_finetune.models.pixel_unet import PixelModel, build_unet, noise_scheduler_for, save_pixel_model, to_grey_arrays
 from ldm_finetune.sharing.metadata import PIXEL_SIZES_KEY, WINDOWS_KEY
@@ -64,9 +65,10 @@ class PixelDDPMTask(Task):
     def use_prepared(self, models: dict) -> None:
         self.model = torch.compile(models["unet"]) if self.cfg.model.compile else models["unet"]
 
-    def ema_settings(self):
+    def make_ema(self):
         e = self.cfg.ema
-        return (self.unet, e.decay, e.on_cpu) if e.enabled else None
+        self.ema = EMA.of(self.unet, e.decay, e.on_cpu) if e.enabled else None
+        return self.ema
 
     def loss(self, batch: dict):
         """Noise the slices, predict epsilon or v, MSE (min-SNR weighted when asked)."""

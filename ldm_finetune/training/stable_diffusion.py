@@ -32,6 +32,7 @@ from ldm_finetune.data.caches import (
 )
 from ldm_finetune.data.images import CaptionedImages, PairedImages
 from ldm_finetune.data.records import concept_records, pixel_sizes, read_records, scanner_windows
+from ldm_finetune.models.ema import EMA
 from ldm_finetune.models.noise import diffusion_loss, perturb_noise, sample_noise, training_target
 from ldm_finetune.models.stable_diffusion import base_model_info, grid, inference_pipeline, load_components, render
 from ldm_finetune.sharing.metadata import training_header, write_model_card
@@ -72,7 +73,7 @@ class StableDiffusionTask(Task):
     def build(self, accelerator) -> torch.utils.data.Dataset:
         cfg = self.cfg
         self.accelerator = accelerator
-        self.weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
+        self.weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]  # as fit resolved train.mixed_precision
         components = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant)
         components.noise_scheduler = build_noise_scheduler(cfg, components.noise_scheduler)
         self.components, self.noise_scheduler = components, components.noise_scheduler
@@ -105,8 +106,10 @@ class StableDiffusionTask(Task):
         if self.cfg.model.compile:
             self.unet = torch.compile(self.unet)
 
-    def ema_settings(self):
-        return self.adapter.ema_settings(self.components)
+    def make_ema(self):
+        settings = self.adapter.ema_settings(self.components)
+        self.ema = EMA.of(*settings) if settings is not None else None
+        return self.ema
 
     def checkpoint_objects(self) -> list:
         return self.adapter.checkpoint_objects()

@@ -2,7 +2,7 @@
 
 A task is one object per run. fit calls, in order: `check` (read and check the data; nothing heavy loads before),
 `build` (load or create the models, attach what trains; returns the dataset), `parameter_groups`,
-`trained_models` (they go through accelerate.prepare), `use_prepared`, `ema_settings`, `checkpoint_objects`; then
+`trained_models` (they go through accelerate.prepare), `use_prepared`, `make_ema`, `checkpoint_objects`; then
 per step `loss(batch)` and the hooks around the optimizer step; `validate(step, tag)` every
 `validation.every_steps`; and on the main process `save(global_step)` at the end.
 """
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from ldm_finetune.models.ema import EMA
+
 
 class Task:
-    ema = None  # set by fit when ema_settings() asks for an average of the weights
+    ema: EMA | None = None  # the task's average of its weights, made by make_ema
 
     def check(self) -> None:
         """Read and check the training data (fails fast, before any model loads)."""
@@ -36,8 +38,9 @@ class Task:
     def use_prepared(self, models: dict[str, torch.nn.Module]) -> None:
         """The trained models as accelerate wrapped them (DDP), by the names trained_models gave."""
 
-    def ema_settings(self) -> tuple[torch.nn.Module, float, bool] | None:
-        """(model whose weights to average, decay, keep on CPU), or None for no EMA."""
+    def make_ema(self) -> EMA | None:
+        """The task's EMA of the weights it exports (kept as self.ema), or None; fit updates it after every optimizer
+        step and checkpoints it."""
         return None
 
     def checkpoint_objects(self) -> list:
