@@ -117,3 +117,12 @@ def test_the_shipped_base_follows_world_prompts_and_an_untrained_one_does_not(sh
     assert info["probe_accuracy_on_world"] >= 0.98
     assert world_score(shipped, PROMPTS, shipped) >= 0.6
     assert world_score(short_build[0], PROMPTS, shipped) < 0.3  # 3 training steps: the same check fails
+
+
+def test_the_cache_key_covers_every_module_the_build_runs():
+    from ldm_finetune.training.mini_base import PACKAGE, build_code
+
+    files = {str(p.relative_to(PACKAGE)) for p in build_code()}
+    assert {"training/mini_base.py", "training/fit.py", "training/loop.py", "training/config.py", "data/world.py",
+            "models/mini_base.py", "models/tokenizer.py", "models/world_probe.py"} <= files
+    assert not any(f.startswith(("evaluation/", "generation/")) for f in files)  # what the build never runs

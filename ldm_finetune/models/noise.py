@@ -1,4 +1,5 @@
-"""Noise and loss-weighting options shared by every recipe (one implementation each).
+"""The diffusion objective every task trains with (`DiffusionObjective`: the SD recipes, the pixel DDPM, the mini
+base), and its options, one implementation each. A new option is a NoiseConfig field and a line in the objective.
 
 - offset noise (Guttenberg 2023): add a per-image, per-channel constant to the noise so the model can shift a whole
   frame's mean; without it SD cannot reach near-black / near-white frames, which CT slices are full of (the study
@@ -11,6 +12,9 @@
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers.training_utils import compute_snr
@@ -68,3 +72,42 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: to
         per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma,
                                                   noise_scheduler.config.prediction_type)
     return per_sample
+
+
+@dataclass
+class Noised:
+    """A batch as the objective noised it: the model's input x_t at `timesteps`, and what it must predict."""
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+    def part(self, index: slice) -> "Noised":
+        return Noised(self.x_t[index], self.timesteps[index], self.target[index])
+
+
+@dataclass
+class DiffusionObjective:
+    """Denoising training: noise (with offset), uniform timesteps, the noisy input (with input perturbation), the
+    target of the schedule's prediction type (epsilon or v; zero-terminal SNR lives in the schedule's betas) and the
+    per-sample loss (min-SNR weighted)."""
+    scheduler: Any  # a diffusers DDPMScheduler: betas, num_train_timesteps, prediction_type
+    offset: float = 0.0
+    input_perturbation: float = 0.0
+    min_snr_gamma: float | None = None
+
+    @classmethod
+    def from_config(cls, noise, scheduler) -> "DiffusionObjective":
+        """From a recipe's `noise:` section (training/config.py NoiseConfig)."""
+        return cls(scheduler, noise.offset, noise.input_perturbation, noise.min_snr_gamma)
+
+    def noised(self, x0: torch.Tensor) -> Noised:
+        noise = sample_noise(x0, self.offset)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],),
+                                  device=x0.device).long()
+        x_t = self.scheduler.add_noise(x0, perturb_noise(noise, self.input_perturbation), timesteps)
+        return Noised(x_t, timesteps, training_target(self.scheduler, x0, noise, timesteps))
+
+    def loss(self, model_pred: torch.Tensor, noised: Noised, weighted: bool = True) -> torch.Tensor:
+        """Per-sample loss (B,); `weighted=False` leaves min-SNR out (DreamBooth's prior term is a plain MSE)."""
+        gamma = self.min_snr_gamma if weighted else None
+        return diffusion_loss(model_pred, noised.target, noised.timesteps, self.scheduler, gamma)

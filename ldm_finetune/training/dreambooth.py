@@ -5,7 +5,8 @@ The prior keeps the class noun meaning what it meant ("a texture" must not turn 
   the missing ones);
 - folder: the user's own class images;
 - base_model: no class images at all; on the class prompt the model must keep predicting what the frozen base model
-  predicts (train.base_model_prior_loss).
+  predicts (StableDiffusionTask.base_model_prior_loss).
+Each is a wrapper around the task's diffusion objective (`make_prior`): the task's loss is `prior.loss(...)`.
 """
 
 from __future__ import annotations
@@ -20,12 +21,63 @@ import torch
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path, slug, to_image
 from ldm_finetune.data.records import image_folder_records
+from ldm_finetune.models.noise import DiffusionObjective, Noised
 from ldm_finetune.models.stable_diffusion import inference_pipeline, render
 
 
 def prior_preservation_loss(instance: torch.Tensor, prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
     """Mean instance loss + prior_loss_weight x mean prior loss (per-sample losses of each half)."""
     return instance.mean() + prior_loss_weight * prior.mean()
+
+
+class InstanceLoss:
+    """No prior: the objective's loss on the instance images (plain fine-tuning, or DreamBooth without a prior)."""
+
+    def __init__(self, objective: DiffusionObjective):
+        self.objective = objective
+
+    def instance(self, model_pred: torch.Tensor, noised: Noised, n_instance: int) -> torch.Tensor:
+        # min-SNR weights the instance term only (as diffusers' DreamBooth example): prior terms are plain MSEs
+        head = slice(0, n_instance)
+        return self.objective.loss(model_pred[head], noised.part(head))
+
+    def loss(self, model_pred: torch.Tensor, noised: Noised, n_instance: int, batch: dict) -> torch.Tensor:
+        return self.instance(model_pred, noised, n_instance).mean()
+
+
+class ClassImagePrior(InstanceLoss):
+    """Class images (generated or the user's) ride in the same batch after the instance images."""
+
+    def __init__(self, objective: DiffusionObjective, weight: float):
+        super().__init__(objective)
+        self.weight = weight
+
+    def loss(self, model_pred, noised, n_instance, batch):
+        tail = slice(n_instance, None)
+        prior = self.objective.loss(model_pred[tail], noised.part(tail), weighted=False)
+        return prior_preservation_loss(self.instance(model_pred, noised, n_instance), prior, self.weight)
+
+
+class BaseModelPrior(InstanceLoss):
+    """No class images: on each row's class prompt, the model must predict what the frozen base model predicts
+    for the same noisy input (`base_model_loss(x_t, timesteps, class_prompts)`, per sample)."""
+
+    def __init__(self, objective: DiffusionObjective, weight: float, base_model_loss):
+        super().__init__(objective)
+        self.weight, self.base_model_loss = weight, base_model_loss
+
+    def loss(self, model_pred, noised, n_instance, batch):
+        prior = self.base_model_loss(noised.x_t, noised.timesteps, batch["prior_prompt"])
+        return prior_preservation_loss(self.instance(model_pred, noised, n_instance), prior, self.weight)
+
+
+def make_prior(db, objective: DiffusionObjective, base_model_loss) -> InstanceLoss:
+    """The loss a run trains with, from its `dreambooth:` section (None: no DreamBooth)."""
+    if db is None or not db.prior_preservation:
+        return InstanceLoss(objective)
+    if db.prior == "base_model":
+        return BaseModelPrior(objective, db.prior_loss_weight, base_model_loss)
+    return ClassImagePrior(objective, db.prior_loss_weight)
 
 
 def check_instance_counts(records, cfg) -> None:

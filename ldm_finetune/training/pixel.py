@@ -22,7 +22,7 @@ from ldm_finetune.data.images import LabelledSlices
 from ldm_finetune.data.records import pixel_sizes, read_records, scanner_windows, training_classes
 from ldm_finetune.models.diffusion import make_schedule
 from ldm_finetune.models.ema import EMA
-from ldm_finetune.models.noise import diffusion_loss, perturb_noise, sample_noise, training_target
+from ldm_finetune.models.noise import DiffusionObjective
 from ldm_finetune.models.pixel_unet import PixelModel, build_unet, noise_scheduler_for, save_pixel_model, to_grey_arrays
 from ldm_finetune.sharing.metadata import PIXEL_SIZES_KEY, WINDOWS_KEY
 from ldm_finetune.training.task import Task
@@ -53,6 +53,7 @@ class PixelDDPMTask(Task):
         self.accelerator = accelerator
         self.unet = build_unet(cfg, len(self.classes)).to(accelerator.device)
         self.noise_scheduler = noise_scheduler_for(cfg)
+        self.objective = DiffusionObjective.from_config(cfg.noise, self.noise_scheduler)
         return LabelledSlices(self.records, cfg.data.resolution, self.classes, cfg.data.class_columns,
                               cfg.data.random_flip, cfg.data.repeats)
 
@@ -71,20 +72,15 @@ class PixelDDPMTask(Task):
         return self.ema
 
     def loss(self, batch: dict):
-        """Noise the slices, predict epsilon or v, MSE (min-SNR weighted when asked)."""
-        cfg = self.cfg
-        x0 = batch["pixel_values"]  # (B, 1, R, R)
-        noise = sample_noise(x0, cfg.noise.offset)
-        timesteps = torch.randint(0, cfg.diffusion.timesteps, (x0.shape[0],), device=x0.device).long()
-        x_t = self.noise_scheduler.add_noise(x0, perturb_noise(noise, cfg.noise.input_perturbation), timesteps)
+        """Noise the slices, predict epsilon or v: the objective's loss (models/noise.py)."""
+        noised = self.objective.noised(batch["pixel_values"])  # (B, 1, R, R) slices
         labels = None
         if self.null_label is not None:
             labels = batch["label"].clone()
-            drop = torch.rand(labels.shape, device=labels.device) < cfg.model.label_dropout
+            drop = torch.rand(labels.shape, device=labels.device) < self.cfg.model.label_dropout
             labels[drop] = self.null_label  # classifier-free guidance: learn the unconditional model too
-        model_pred = self.model(x_t, timesteps, class_labels=labels).sample
-        target = training_target(self.noise_scheduler, x0, noise, timesteps)
-        return diffusion_loss(model_pred, target, timesteps, self.noise_scheduler, cfg.noise.min_snr_gamma).mean()
+        model_pred = self.model(noised.x_t, noised.timesteps, class_labels=labels).sample
+        return self.objective.loss(model_pred, noised).mean()
 
     def averaged_unet(self):
         """A copy of the UNet with the EMA weights (or the raw ones without EMA), for sampling and export."""

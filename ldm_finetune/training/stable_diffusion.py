@@ -33,14 +33,14 @@ from ldm_finetune.data.caches import (
 from ldm_finetune.data.images import CaptionedImages, PairedImages
 from ldm_finetune.data.records import concept_records, pixel_sizes, read_records, scanner_windows
 from ldm_finetune.models.ema import EMA
-from ldm_finetune.models.noise import diffusion_loss, perturb_noise, sample_noise, training_target
+from ldm_finetune.models.noise import DiffusionObjective, Noised
 from ldm_finetune.models.stable_diffusion import base_model_info, grid, inference_pipeline, load_components, render
 from ldm_finetune.sharing.metadata import training_header, write_model_card
 from ldm_finetune.training.config import RecipeConfig
 from ldm_finetune.training.dreambooth import (
     check_instance_counts,
     prepare_class_records,
-    prior_preservation_loss,
+    make_prior,
     warn_split_identifiers,
 )
 from ldm_finetune.training.task import Task
@@ -77,6 +77,8 @@ class StableDiffusionTask(Task):
         components = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant)
         components.noise_scheduler = build_noise_scheduler(cfg, components.noise_scheduler)
         self.components, self.noise_scheduler = components, components.noise_scheduler
+        self.objective = DiffusionObjective.from_config(cfg.noise, self.noise_scheduler)
+        self.prior = make_prior(cfg.dreambooth, self.objective, self.base_model_prior_loss)
         if cfg.dreambooth is not None and accelerator.is_main_process:
             for line in warn_split_identifiers(components.tokenizer, self.records,
                                                [c.class_prompt for c in cfg.data.concepts]):
@@ -149,33 +151,16 @@ class StableDiffusionTask(Task):
         return latents.to(self.accelerator.device, self.weight_dtype)
 
     def loss(self, batch: dict):
-        """Encode, add noise, predict, compare; plus DreamBooth's prior term when it is on."""
-        cfg = self.cfg
+        """Encode, noise, predict; the objective's loss, with DreamBooth's prior term when it is on (self.prior)."""
         latents, captions = self.batch_latents(batch), list(batch["caption"])
         n_instance = latents.shape[0]
         if "class_index" in batch:  # DreamBooth with class images: instance and class halves in one forward pass
             latents = torch.cat([latents, self.batch_latents(batch, "class_")])
             captions += batch["class_caption"]
-        noise = sample_noise(latents, cfg.noise.offset)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=latents.device).long()
-        noisy_latents = self.noise_scheduler.add_noise(latents, perturb_noise(noise, cfg.noise.input_perturbation),
-                                                       timesteps)
-        target = training_target(self.noise_scheduler, latents, noise, timesteps)
+        noised = self.objective.noised(latents)
         states = self.encoder_hidden_states(captions, droppable=n_instance)
-        model_pred = self.unet(noisy_latents, timesteps, states, return_dict=False)[0]
-        # min-SNR weights the instance term only (as diffusers' DreamBooth example): the prior term is a plain MSE
-        instance = diffusion_loss(model_pred[:n_instance], target[:n_instance], timesteps[:n_instance],
-                                  self.noise_scheduler, cfg.noise.min_snr_gamma)
-        db = cfg.dreambooth
-        if db is None or not db.prior_preservation:
-            return instance.mean()
-        if db.prior == "base_model":
-            prior = self.base_model_prior_loss(noisy_latents, timesteps, batch["prior_prompt"])
-        else:
-            prior = diffusion_loss(model_pred[n_instance:], target[n_instance:], timesteps[n_instance:],
-                                   self.noise_scheduler)
-        return prior_preservation_loss(instance, prior, db.prior_loss_weight)
+        model_pred = self.unet(noised.x_t, noised.timesteps, states, return_dict=False)[0]
+        return self.prior.loss(model_pred, noised, n_instance, batch)
 
     def base_model_prior_target(self, noisy_latents, timesteps, class_prompts: list[str]):
         """What the frozen base model predicts on the class prompt: the base UNet on the states of the untouched
@@ -192,7 +177,7 @@ class StableDiffusionTask(Task):
         target = self.base_model_prior_target(noisy_latents, timesteps, class_prompts)
         model_pred = self.unet(noisy_latents, timesteps, self.encoder_hidden_states(class_prompts, droppable=0),
                                return_dict=False)[0]
-        return diffusion_loss(model_pred, target, timesteps, self.noise_scheduler)
+        return self.objective.loss(model_pred, Noised(noisy_latents, timesteps, target), weighted=False)
 
     # --- validation and the result -----------------------------------------------------------------------------
 
