@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="generated images, and real training images")
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
-    from ldm_finetune.evaluation.evaluate import evaluate_sets
+    from ldm_finetune.evaluation.evaluate import SuiteSettings, evaluate_sets
     from ldm_finetune.evaluation.imagesets import load_generated
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +65,7 @@ def main() -> None:
         write_split(tmp / "generated", args.n, args.size, 3, metadata=False)
         start = time.perf_counter()
         generated = {"model": load_generated(tmp / "generated", "model", None)}
-        results = evaluate_sets(tmp / "real", generated, tmp / "out", None, None)
+        results = evaluate_sets(SuiteSettings(tmp / "real", max_real=None), generated, tmp / "out")
         seconds = time.perf_counter() - start
     record = {"machine": platform.processor() or platform.machine(), "settings": vars(args),
               "seconds": seconds, "target_seconds": 60,

@@ -45,6 +45,7 @@ def sync(device):
 def train_speed(cfg, unet, noise_scheduler, batch: int, steps: int, device: str) -> float:
     from accelerate import Accelerator
 
+    from ldm_finetune.models.noise import DiffusionObjective
     from ldm_finetune.training.pixel import PixelDDPMTask
 
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if device == "cuda" else "no")
@@ -52,6 +53,7 @@ def train_speed(cfg, unet, noise_scheduler, batch: int, steps: int, device: str)
     task = PixelDDPMTask(cfg)
     task.accelerator, task.model, task.noise_scheduler, task.classes = accelerator, unet, noise_scheduler, \
         [f"class-{i}" for i in range(9)]
+    task.objective = DiffusionObjective.from_config(cfg.noise, noise_scheduler)
     r = cfg.data.resolution
     data = {"pixel_values": torch.rand(batch, 1, r, r, device=device) * 2 - 1,
             "label": torch.randint(0, 9, (batch,), device=device)}

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from data_prep.config import PrepConfig, VolumeSpec  # noqa: E402
 from data_prep.phantom import STATES, write_phantoms  # noqa: E402
 from data_prep.prep import run_prep  # noqa: E402
-from ldm_finetune.evaluation.evaluate import evaluate_folders  # noqa: E402
+from ldm_finetune.evaluation.evaluate import SuiteSettings, evaluate_folders  # noqa: E402
 from ldm_finetune.evaluation.metrics import seam_score  # noqa: E402
 from ldm_finetune.generation.generate import GenerateSettings, load_pipeline, prepared_pipeline  # noqa: E402
 from ldm_finetune.generation.tiled import Tiling, tile_joins  # noqa: E402
@@ -118,7 +118,7 @@ def crops_against_native(base: Path, lora: Path, data: Path, work: Path, n: int)
         for i, image in enumerate(images):
             Image.fromarray((image.mean(-1) * 255).round().astype(np.uint8)).save(folder / f"{i:04d}.png")
         folders[name] = work / name
-    evaluate_folders(data, list(folders.values()), work / "eval", None, 128, rounds=5)
+    evaluate_folders(SuiteSettings(data, max_real=128, rounds=5), list(folders.values()), work / "eval")
     entry = json.loads((work / "eval" / "metrics.json").read_text())["fidelity"]["/".join(CLASS)]
     ratios = {}
     for name in folders:

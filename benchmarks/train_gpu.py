@@ -63,7 +63,8 @@ def build_run(preset: str, args, device: str):
     components.vae.to("cpu")
     components.text_encoder.to("cpu")
     components.noise_scheduler = build_noise_scheduler(cfg, components.noise_scheduler)
-    task.accelerator, task.components, task.noise_scheduler = accelerator, components, components.noise_scheduler
+    task.accelerator, task.components = accelerator, components
+    task.use_schedule(components.noise_scheduler)
     task.unet, task.text_encoder, task.weight_dtype, task.vae_dtype = unet, components.text_encoder, weight_dtype, \
         torch.float32
     task.latent_moments, task.text_cache = moments, text_cache

@@ -208,7 +208,7 @@ def _sample(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from ldm_finetune.core.threads import use_cpu_threads
     from ldm_finetune.evaluation.config import run_config
-    from ldm_finetune.evaluation.evaluate import evaluate_folders
+    from ldm_finetune.evaluation.evaluate import SuiteSettings, evaluate_folders
 
     use_cpu_threads()
     if args.config is not None:
@@ -216,8 +216,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     elif args.real is None or not args.generated:
         raise UserError("evaluate needs a CONFIG.yaml, or --real DIR and at least one --generated DIR")
     else:
-        path = evaluate_folders(args.real, args.generated, args.out, args.size, args.max_real, args.bootstrap,
-                                args.seed, args.copy_ncc)
+        suite = SuiteSettings(args.real, args.size, args.max_real, args.bootstrap, args.seed, args.copy_ncc)
+        path = evaluate_folders(suite, args.generated, args.out)
     print(f"report: {path / 'report.html'}  (numbers in {path / 'metrics.json'})")
 
 
@@ -243,16 +243,7 @@ def _export(args: argparse.Namespace) -> None:
     print("single-file checkpoint (LDM layout) written: " + ", ".join(map(str, written)))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ldm-finetune",
-        description="Fine-tune latent diffusion models on X-ray tomography of 3D-woven composites.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, **kwargs) -> argparse.ArgumentParser:
-        return sub.add_parser(name, formatter_class=DefaultsFormatter, **kwargs)
-
+def _phantom_command(command) -> None:
     p = command("phantom", help="write synthetic woven-composite CT volumes (dry, dry-compacted, injected)",
                        description="Write OUT_DIR/{dry,dry-compacted,injected}.tif: seeded synthetic CT volumes of a "
                        "3D-woven composite. --shape is the dry volume; dry-compacted is ~0.55 and injected ~0.8 as "
@@ -265,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--states", nargs="+", metavar="STATE", help="only these states (default: all three)")
     p.set_defaults(func=_phantom)
 
+def _prep_command(command) -> None:
     p = command("prep", help="slice TIFF volumes into a captioned 2D dataset (train/validation)",
                        description="Slice 3D TIFF volumes into thickness / warp / weft images with captions, split "
                        "without leakage, as OUT/train and OUT/validation (images + metadata.jsonl) and "
@@ -313,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prep)
 
+def _mini_base_command(command) -> None:
     p = command("mini-base", help="pretrain the small text-to-image base on the procedural world (CPU)",
                        description="Pretrain a small Stable-Diffusion-architecture pipeline (AutoencoderKL, "
                        "UNet2DConditionModel, CLIP text encoder and tokenizer, SD noise schedule) on a procedural "
@@ -329,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", type=Path, metavar="DIR", help="also write the shipped form (fp16) to DIR")
     p.set_defaults(func=_mini_base)
 
+def _tiny_model_command(command) -> None:
     p = command("tiny-model", help="write a small random-init SD pipeline (for tests and the demo)",
                        description="Write a small random-init Stable Diffusion pipeline in diffusers layout "
                        "(safetensors, with a small CLIP BPE vocabulary): the SD architecture in miniature, for tests, "
@@ -339,12 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the UNet predicts")
     p.set_defaults(func=_tiny_model)
 
+def _train_command(command) -> None:
     p = command("train", help="train a recipe (same code as accelerate launch -m ldm_finetune.train)",
                        description="Train a recipe YAML from recipes/ in this process (CPU or one GPU). For mixed "
                        "precision on several GPUs use: accelerate launch -m ldm_finetune.train CONFIG [KEY=VALUE ...]")
     add_train_arguments(p)
     p.set_defaults(func=_train)
 
+def _generate_command(command) -> None:
     p = command("generate", help="generate images from prompts with a base model, LoRAs and embeddings",
                        description="Generate images: OUT/<prompt>_<seed>.png for each prompt and seed SEED..SEED+N-1, "
                        "plus OUT/generation.json with every setting. A LoRA that does not fit the model is an error.")
@@ -387,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-concept", type=int, default=16, metavar="N", help="--dataset: images per concept")
     p.set_defaults(func=_generate)
 
+def _export_command(command) -> None:
     p = command("export", help="write a LoRA in the kohya layout, or a single-file checkpoint",
                        description="--format kohya: a diffusers-layout LoRA (file or run folder) in the kohya layout "
                        "(lora_unet_* keys with explicit alphas) that A1111, ComfyUI and kohya load; training runs "
@@ -404,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
 
+def _sample_command(command) -> None:
     p = command("sample", help="sample slices from a pixel DDPM, or from the training-free local-score baseline",
                        description="Sample grey slices with the project's DDPM / DDIM samplers: from a model trained "
                        "with recipes/ddpm_pixel.yaml (--model OUTPUT_DIR/model), or from the training-free patch "
@@ -434,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_sample)
 
+def _evaluate_command(command) -> None:
     p = command("evaluate", help="weight-free fidelity, memorisation, 3D consistency and drift report",
                        description="Compare generated slices with real ones and write OUT/metrics.json and "
                        "OUT/report.html. Either give an evaluation config (models to sample, probes: see "
@@ -452,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of subsampling and bootstrap")
     p.set_defaults(func=_evaluate)
 
+def _identifiers_command(command) -> None:
     p = command("identifiers", help="rare single-token DreamBooth identifiers for a model's tokenizer",
                        description="List rare words that are one token in the model's tokenizer (good DreamBooth "
                        "identifiers), or check chosen ones with --check (exit status 2 if one splits).")
@@ -460,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=20, help="number of candidates to list")
     p.set_defaults(func=_identifiers)
 
+def _demo_command(command) -> None:
     p = command("demo", help="run the whole pipeline on built-in synthetic data (CPU, ~11 min on 2 cores)",
                        description="The main job on the built-in default; no GPU, network or private data needed. "
                        "Synthetic woven-composite CT volumes -> captioned dataset -> LoRA+DreamBooth and Textual "
@@ -478,6 +479,22 @@ def build_parser() -> argparse.ArgumentParser:
     setting(p, "--seed", DemoSettings, "seed of every stage")
     setting(p, "--quiet", DemoSettings, "no progress bars", action="store_true")
     p.set_defaults(func=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm-finetune",
+        description="Fine-tune latent diffusion models on X-ray tomography of 3D-woven composites.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=DefaultsFormatter, **kwargs)
+
+    for add in (_phantom_command, _prep_command, _mini_base_command, _tiny_model_command, _train_command,
+                _generate_command, _export_command, _sample_command, _evaluate_command, _identifiers_command,
+                _demo_command):
+        add(command)
     return parser
 
 

@@ -151,6 +151,10 @@ def test_config_form_with_sd_lora_pixel_and_baseline(prep_dataset, tiny_model_di
     assert any("tiny random-init" in n for n in m["notes"])
     probes = m["probes"]["models"]["lora"]["prompts"]
     assert set(probes) == {"horse on a beach", "a texture"} and all(0 <= v["ct_leakage"] <= 1 for v in probes.values())
+    # metrics.json holds numbers and paths: the probe grids are the image files, which the report draws
+    assert "data:image" not in (tmp_path / "ev" / "metrics.json").read_text()
+    grid = m["probes"]["models"]["lora"]["grids"]["a texture"]
+    assert [Path(f).name for f in grid["tuned"]] == ["a-texture_0000.png"] and Path(grid["base"][0]).is_file()
     assert any(s["what"] == "CLIP text/image scores" for s in m["skipped"])
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "ev" / "images").rglob("*.png")}
     code, out, _ = run_cli("evaluate", config, "--out", tmp_path / "ev")

@@ -38,10 +38,9 @@ from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.data.world import SIZE as WORLD_SIZE
 from ldm_finetune.data.world import parse_prompt
 from ldm_finetune.evaluation import metrics as M
-from ldm_finetune.evaluation.evaluate import evaluate_sets
-from ldm_finetune.evaluation.imagesets import load_generated, load_real, resized
+from ldm_finetune.evaluation.evaluate import SuiteSettings, evaluate_sets
+from ldm_finetune.evaluation.imagesets import load_generated, load_real, load_rgb, resized
 from ldm_finetune.evaluation.metrics import load_set
-from ldm_finetune.evaluation.report import _png
 from ldm_finetune.evaluation.stats import compute_stats
 from ldm_finetune.generation.generate import apply_embeddings, apply_loras, load_pipeline, parse_lora_arg, set_scheduler
 from ldm_finetune.generation.sample import baseline_slices
@@ -248,8 +247,8 @@ def run_config(path: Path, out: Path) -> Path:
     generated = {name: resized(g, size) if g.images.shape[1] > size else g for name, g in generated.items()}
     extra = {"notes": _notes(cfg) + cfg.notes, "probes": {}, "skipped": []}
     extra["probes"] = probe_metrics(cfg, folders, real, size, extra["skipped"])
-    evaluate_sets(cfg.real, generated, out, size, cfg.max_real, cfg.bootstrap, cfg.seed, cfg.copy_ncc, extra,
-                  real_train=real)
+    suite = SuiteSettings(cfg.real, size, cfg.max_real, cfg.bootstrap, cfg.seed, cfg.copy_ncc)
+    evaluate_sets(suite, generated, out, extra, real_train=real)
     return out
 
 
@@ -294,8 +293,8 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
         rows, grids, all_base, all_ft = {}, {}, [], []
         for prompt in cfg.probes:
             files = [f"{slug(prompt)}_{s:04d}.png" for s in cfg.probe_seeds]
-            b_rgb = [_rgb(folders[base.name] / "probes" / f) for f in files]
-            f_rgb = [_rgb(folders[entry.name] / "probes" / f) for f in files]
+            b_rgb = [load_rgb(folders[base.name] / "probes" / f) for f in files]
+            f_rgb = [load_rgb(folders[entry.name] / "probes" / f) for f in files]
             b_grey = load_set([folders[base.name] / "probes" / f for f in files], size)
             f_grey = load_set([folders[entry.name] / "probes" / f for f in files], size)
             all_base.append(b_grey)
@@ -308,7 +307,9 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
             if world_probe is not None and _is_world_prompt(prompt):
                 rows[prompt]["world_probe_base"] = _world_probe_ok(world_probe, b_rgb, prompt)
                 rows[prompt]["world_probe_tuned"] = _world_probe_ok(world_probe, f_rgb, prompt)
-            grids[prompt] = " ".join(_png(x) for x in b_rgb) + "<br>" + " ".join(_png(x) for x in f_rgb)
+            # metrics.json holds numbers and paths: the report draws the images from these files
+            grids[prompt] = {side: [str(folders[name] / "probes" / f) for f in files]
+                             for side, name in (("base", base.name), ("tuned", entry.name))}
         base_desc = scale(compute_stats(np.concatenate(all_base), thresholds).descriptors())
         ct = scale(real_desc)
         for i, prompt in enumerate(cfg.probes):
@@ -336,6 +337,3 @@ def _world_probe_ok(probe, images: list[np.ndarray], prompt: str) -> float:
     return float(np.mean([c["ok"] for c in probe.check(small, [prompt] * len(images))]))
 
 
-def _rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0

@@ -228,14 +228,25 @@ def consistency(train: Measured, generated: dict[str, Measured]) -> dict:
     return out
 
 
-def evaluate_sets(real_root: Path, generated: dict[str, ImageSet], out: Path, size: int | None,
-                  max_real: int | None, rounds: int = 50, seed: int = 0, copy_ncc: float = 0.95,
-                  extra: dict | None = None, real_train: ImageSet | None = None) -> dict:
+@dataclass(frozen=True)
+class SuiteSettings:
+    """What the weight-free suite compares generated sets against, and how."""
+    real: Path  # a prep output (train/ + validation/) or an image folder
+    size: int | None = None  # compare at this size (None: the real slices' own)
+    max_real: int | None = 100  # real slices per class and split (None: all)
+    rounds: int = 50  # bootstrap rounds of the floors
+    seed: int = 0  # of the bootstrap
+    copy_ncc: float = 0.95  # normalised cross-correlation above which an image is a near-copy of a training slice
+
+
+def evaluate_sets(suite: SuiteSettings, generated: dict[str, ImageSet], out: Path, extra: dict | None = None,
+                  real_train: ImageSet | None = None) -> dict:
     """The weight-free suite for already generated sets; writes metrics.json and report.html."""
 
+    real_root, rounds, seed = suite.real, suite.rounds, suite.seed
     if real_train is None:  # the config form has loaded it already
-        real_train = load_real(real_root, "train", size, max_real)
-    real_val = _validation(real_root, size, max_real)
+        real_train = load_real(real_root, "train", suite.size, suite.max_real)
+    real_val = _validation(real_root, suite.size, suite.max_real)
     real_size = int(real_train.images.shape[1])
     # a model that makes smaller images than the real slices is scored at its own size (below); memorisation and
     # 3D consistency compare every set at the real size
@@ -250,12 +261,13 @@ def evaluate_sets(real_root: Path, generated: dict[str, ImageSet], out: Path, si
     skipped: list = []
     results = {
         "settings": {"real": str(real_root), "size": real_size, "bootstrap": rounds,
-                     "seed": seed, "copy_ncc": copy_ncc, "phase_thresholds": thresholds.tolist(),
+                     "seed": seed, "copy_ncc": suite.copy_ncc, "phase_thresholds": thresholds.tolist(),
                      "sets": {n: len(g) for n, g in generated.items()}, "n_real_train": len(real_train),
                      "n_real_validation": len(real_val), "scored_at_own_size": native},
         "fidelity": fidelity(train, val, full_size, rounds, seed, skipped),
         "classifier": classifier(train, val, full_size, skipped),
-        "memorisation": memorisation(_search_bank(real_root, real_train, max_real), real_val, at_real, copy_ncc),
+        "memorisation": memorisation(_search_bank(real_root, real_train, suite.max_real), real_val, at_real,
+                                     suite.copy_ncc),
         "consistency": consistency(train, measured) if real_train.known_classes() else {},
     }
     for side in sorted(set(native.values())):
@@ -305,12 +317,11 @@ def _validation(real_root: Path, size, max_real) -> ImageSet:
     return ImageSet("real-validation", np.zeros((0, 1, 1), np.float32), [], [])
 
 
-def evaluate_folders(real: Path, generated_dirs: list[Path], out: Path, size: int | None, max_real: int | None,
-                     rounds: int = 50, seed: int = 0, copy_ncc: float = 0.95) -> Path:
+def evaluate_folders(suite: SuiteSettings, generated_dirs: list[Path], out: Path) -> Path:
     """The two-folder form: real slices (a prep output or an image folder) against generated folders."""
     names = [g.name for g in generated_dirs]
     if len(set(names)) != len(names):
         names = [f"{g.parent.name}/{g.name}" for g in generated_dirs]
-    generated = {n: load_generated(g, n, size) for n, g in zip(names, generated_dirs)}
-    evaluate_sets(real, generated, out, size, max_real, rounds, seed, copy_ncc)
+    generated = {n: load_generated(g, n, suite.size) for n, g in zip(names, generated_dirs)}
+    evaluate_sets(suite, generated, out)
     return out

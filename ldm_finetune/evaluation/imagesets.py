@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ldm_finetune.core.classes import class_from_folder, row_class
 from ldm_finetune.core.errors import UserError
@@ -108,6 +109,12 @@ def load_generated(folder: Path, name: str, size: int | None) -> ImageSet:
         paths = _image_files(folder)
         classes = [None] * len(paths)
     return ImageSet(name, _load(paths, size, f"generated images in {folder}"), classes, paths)
+
+
+def load_rgb(path: Path | str) -> np.ndarray:
+    """One image file as (H, W, 3) floats in [0, 1] (colour kept: the drift probes score colourfulness)."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
 
 
 def resized(images: ImageSet, side: int) -> ImageSet:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_finetune.core.io import atomic_path, quantize
+from ldm_finetune.evaluation.imagesets import load_rgb
 from ldm_finetune.evaluation.metrics import load_set
 from ldm_finetune.evaluation.registry import METRICS, formatted, table
 
@@ -230,7 +231,8 @@ def _probes(probes: dict) -> str:
             parts.append(f"<tr><td>{html.escape(prompt)}</td>"
                          + "".join(f"<td>{formatted(p.name, v.get(p.name))}</td>" for p in probe) + "</tr>")
         parts.append("</table>")
-        for prompt, images in r.get("grids", {}).items():
+        for prompt, files in r.get("grids", {}).items():
+            images = "<br>".join(" ".join(_png(load_rgb(f)) for f in files[side]) for side in ("base", "tuned"))
             parts.append(f'<div class="row"><span class="label">{html.escape(prompt)}<br>base / {html.escape(m)}'
                          f'</span>{images}</div>')
     parts.append(_legend(probe))

@@ -76,9 +76,8 @@ class StableDiffusionTask(Task):
         self.weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]  # as fit resolved train.mixed_precision
         components = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant)
         components.noise_scheduler = build_noise_scheduler(cfg, components.noise_scheduler)
-        self.components, self.noise_scheduler = components, components.noise_scheduler
-        self.objective = DiffusionObjective.from_config(cfg.noise, self.noise_scheduler)
-        self.prior = make_prior(cfg.dreambooth, self.objective, self.base_model_prior_loss)
+        self.components = components
+        self.use_schedule(components.noise_scheduler)
         if cfg.dreambooth is not None and accelerator.is_main_process:
             for line in warn_split_identifiers(components.tokenizer, self.records,
                                                [c.class_prompt for c in cfg.data.concepts]):
@@ -137,6 +136,12 @@ class StableDiffusionTask(Task):
             return torch.stack([self.text_cache[c] for c in captions]).to(device, self.weight_dtype)
         ids = tokenize(self.components.tokenizer, captions).to(device)
         return self.text_encoder(ids)[0]  # (B, 77, D)
+
+    def use_schedule(self, noise_scheduler) -> None:
+        """The training schedule, the diffusion objective on it and the DreamBooth prior wrapping that objective."""
+        self.noise_scheduler = noise_scheduler
+        self.objective = DiffusionObjective.from_config(self.cfg.noise, noise_scheduler)
+        self.prior = make_prior(self.cfg.dreambooth, self.objective, self.base_model_prior_loss)
 
     def batch_latents(self, batch: dict, prefix: str = ""):
         """(B, 4, R/8, R/8) latents of the batch's images (or of its class images, prefix "class_")."""
