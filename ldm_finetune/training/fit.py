@@ -1,9 +1,10 @@
 """`fit(run, task)`: the one training run every recipe goes through (SD adapters, the pixel DDPM, ...).
 
 `run` (config.RunSettings) is all fit reads of a config: seed, output folder, train / checkpoint / logging sections,
-workers, validation cadence. fit owns what every run needs, written once: the environment check, accelerate (mixed precision, DDP, trackers),
-the seed, the dataloader with a resumable seeded order, the optimizer and LR schedule, the step budget,
-checkpoint / resume, the EMA of the weights, logging and validation hooks (the step loop itself is loop.py).
+workers, validation cadence. fit owns what every run needs, written once: the environment check, accelerate
+(mixed precision, DDP, trackers), the seed, the dataloader with a resumable seeded order, the optimizer and LR
+schedule, the step budget, checkpoint / resume, the EMA's updates, logging and validation hooks (the step loop
+itself is loop.py).
 A *task* supplies what differs (training/task.py): its models, the batch -> loss step, validation images and what
 to save.
 """
