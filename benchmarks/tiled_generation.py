@@ -40,6 +40,7 @@ from data_prep.prep import run_prep  # noqa: E402
 from ldm_finetune.evaluation.evaluate import SuiteSettings, evaluate_folders  # noqa: E402
 from ldm_finetune.evaluation.metrics import seam_score  # noqa: E402
 from ldm_finetune.generation.generate import GenerateSettings, load_pipeline, prepared_pipeline  # noqa: E402
+from ldm_finetune.generation import tiled  # noqa: E402
 from ldm_finetune.generation.tiled import Tiling, tile_joins  # noqa: E402
 from ldm_finetune.training.mini_base import shipped_mini_base  # noqa: E402
 
@@ -203,7 +204,10 @@ def main() -> None:
     parser.add_argument("--sides", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
                         help="measure only these; the other parts' recorded results are kept")
+    parser.add_argument("--shift-below", type=float, default=tiled.SHIFT_BELOW,
+                        help="share of the schedule below which --tile-blend shift moves the tiles (a trial setting)")
     args = parser.parse_args()
+    tiled.SHIFT_BELOW = args.shift_below  # read by the shift blend at every UNet call
     torch.set_num_threads(1)
     base = shipped_mini_base()
     path = RESULTS / "tiled_generation_cpu.json"
@@ -215,6 +219,7 @@ def main() -> None:
         lora = args.lora or train_lora(base, data, work / "lora", args.lora_steps)
         lora_seconds = time.perf_counter() - started
         result |= {"machine": f"{platform.machine()}, 1 thread", "torch": torch.__version__,
+                   "shift_below": args.shift_below,
                    "lora": {"steps": None if args.lora else args.lora_steps, "seconds": round(lora_seconds, 1),
                             "targets": "attention, feedforward, resnet", "rank": 16}}
         for part in args.parts:
