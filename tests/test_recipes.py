@@ -68,7 +68,7 @@ def test_ema_update_rule():
     ema = EMA([p], decay=0.9, device="cpu")
     with torch.no_grad():
         p.fill_(1.0)
-    ema.update([p])  # warm-up decay min(0.9, 2/11) = 2/11: shadow = 0 + (1 - 2/11) x (1 - 0)
+    ema.update()  # warm-up decay min(0.9, 2/11) = 2/11: shadow = 0 + (1 - 2/11) x (1 - 0)
     assert torch.allclose(ema.shadow[0], torch.full((3,), 9 / 11))
 
 

@@ -12,7 +12,7 @@ class EMA:
     """Exponential moving average of parameters (fp32 copies), with the usual warm-up of the decay."""
 
     def __init__(self, params, decay: float, device):
-        self.tracked = list(params)  # the live parameters that update() averages by default
+        self.tracked = list(params)  # the live parameters that update() averages
         self.shadow = [p.detach().to(device=device, dtype=torch.float32, copy=True) for p in self.tracked]
         self.decay, self.steps = decay, 0
 
@@ -26,10 +26,10 @@ class EMA:
         return min(self.decay, (1 + self.steps) / (10 + self.steps))
 
     @torch.no_grad()
-    def update(self, params=None) -> None:
+    def update(self) -> None:
         self.steps += 1
         weight = 1.0 - self.current_decay()
-        for s, p in zip(self.shadow, self.tracked if params is None else params):
+        for s, p in zip(self.shadow, self.tracked):
             s.lerp_(p.detach().to(s.device, torch.float32), weight)
 
     @torch.no_grad()
