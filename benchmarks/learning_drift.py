@@ -124,6 +124,17 @@ def measure(pipe, probe, trained: dict[str, str], data: Path, base_world: np.nda
     return out, world
 
 
+def base_and_phantom(work: Path) -> tuple[Path, object, Path]:
+    """The shipped mini base (unpacked under WORK unless a cache is set), its world probe, and phantom CT slices
+    prepared at 32 px: what every learning benchmark starts from."""
+    os.environ.setdefault("LDM_FINETUNE_CACHE", str(work / "cache"))
+    base = shipped_mini_base()
+    volumes = write_phantoms(work / "volumes", (64, 128, 192), seed=0)
+    run_prep(PrepConfig(volumes=[VolumeSpec(s, volumes[s]) for s in STATES], out=work / "data", resolution=32),
+             show_progress=False)
+    return base, load_probe(base), work / "data"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
@@ -134,13 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        os.environ.setdefault("LDM_FINETUNE_CACHE", str(work / "cache"))
-        base = shipped_mini_base()
-        probe = load_probe(base)
-        volumes = write_phantoms(work / "volumes", (64, 128, 192), seed=0)
-        run_prep(PrepConfig(volumes=[VolumeSpec(s, volumes[s]) for s in STATES], out=work / "data", resolution=32),
-                 show_progress=False)
-        data = work / "data"
+        base, probe, data = base_and_phantom(work)
         base_pipe = load(base)
         all_trained = {p: c for _, _, t in RECIPES.values() for p, c in t.items()}
         before, base_world = measure(base_pipe, probe, {p: c for p, c in all_trained.items() if "<" not in p}, data,

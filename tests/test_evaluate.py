@@ -274,3 +274,24 @@ def test_a_smaller_model_is_scored_at_its_own_size(prep_dataset, tmp_path, run_c
     assert all(ratio_up[k] > 2 * ratio_own[k] for k in ratio_own), (ratio_own, ratio_up)
     page = (tmp_path / "own" / "report.html").read_text()
     assert f"floor at {side // 2} px" in page and f"small ({side // 2} px)" in page
+
+
+def test_probe_rows_name_the_dreambooth_class_prompt(tmp_path):
+    """The drift table points at the row prior preservation protects: the class prompt the run trained with."""
+    import yaml
+
+    from ldm_finetune.evaluation.config import ModelEntry, class_prompts
+    from ldm_finetune.evaluation.report import _probes
+
+    run = tmp_path / "run"
+    run.mkdir()
+    concepts = [{"caption": "a w17h3r texture", "class_prompt": "a texture"},
+                {"caption": "a th1ck texture", "class_prompt": "a texture"}, {"caption": "sf_dry"}]
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"concepts": concepts}}))
+    assert class_prompts(ModelEntry("db", "sd", "base", loras=[f"{run}:0.8"])) == ["a texture"]
+    assert class_prompts(ModelEntry("db", "sd", "base", loras=[str(run / "lora.safetensors")])) == ["a texture"]
+    assert class_prompts(ModelEntry("plain", "sd", "base", loras=[str(tmp_path / "elsewhere.safetensors")])) == []
+    page = _probes({"base": "base", "models": {"db": {"prompts": {"a red circle": {}, "a texture": {}},
+                                                      "class_prompts": ["a texture"]}}})
+    assert page.count("DreamBooth class prompt") == 1
+    assert page.index("a red circle") < page.index("a texture") < page.index("DreamBooth class prompt")

@@ -317,9 +317,22 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
             near_ct = M.pairwise_msd(ft_desc, ct).min(1)
             near_base = M.pairwise_msd(ft_desc, base_desc).min(1)
             rows[prompt]["ct_leakage"] = float((near_ct < near_base).mean())
-        out["models"][entry.name] = {"prompts": rows, "grids": grids}
+        out["models"][entry.name] = {"prompts": rows, "grids": grids, "class_prompts": class_prompts(entry)}
         out["side"] = int(b_rgb[0].shape[1])
     return out
+
+
+def class_prompts(entry: ModelEntry) -> list[str]:
+    """The DreamBooth class prompts the model's runs trained with (their config.yaml's data.concepts), so the report
+    can point at the probe row prior preservation exists to protect."""
+    found = []
+    for text in entry.loras + entry.embeddings:
+        path = Path(parse_lora_arg(text)[0])
+        config = RunLayout(path if path.is_dir() else path.parent).config
+        if config.is_file():
+            concepts = (load_yaml(config).get("data") or {}).get("concepts") or []
+            found += [c["class_prompt"] for c in concepts if c.get("class_prompt")]
+    return list(dict.fromkeys(found))
 
 
 def _is_world_prompt(prompt: str) -> bool:

@@ -228,7 +228,8 @@ def _probes(probes: dict) -> str:
         parts.append(f"<h4>{html.escape(m)}</h4><table><tr><th>prompt</th>"
                      + "".join(f"<th>{p.label}</th>" for p in probe) + "</tr>")
         for prompt, v in r["prompts"].items():
-            parts.append(f"<tr><td>{html.escape(prompt)}</td>"
+            role = " <em>(DreamBooth class prompt)</em>" if prompt in r.get("class_prompts", []) else ""
+            parts.append(f"<tr><td>{html.escape(prompt)}{role}</td>"
                          + "".join(f"<td>{formatted(p.name, v.get(p.name))}</td>" for p in probe) + "</tr>")
         parts.append("</table>")
         for prompt, files in r.get("grids", {}).items():

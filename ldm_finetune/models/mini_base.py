@@ -28,6 +28,7 @@ CONTEXT_TOKENS = 32  # the tokenizer's model_max_length and the text encoder's p
 @dataclass
 class MiniArchitecture:
     vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # three levels: 4x downsampling
+    latent_channels: int = 4
     unet_channels: list[int] = field(default_factory=lambda: [64, 128])  # 8 x 8 and 4 x 4 latents at 32 px
     attention_head_dim: int = 8
     text_width: int = 64
@@ -37,7 +38,8 @@ class MiniArchitecture:
 
 def build_vae(arch: MiniArchitecture) -> AutoencoderKL:
     levels = len(arch.vae_channels)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(arch.vae_channels),
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=arch.latent_channels,
+                         block_out_channels=tuple(arch.vae_channels),
                          down_block_types=("DownEncoderBlock2D",) * levels,
                          up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1, norm_num_groups=16,
                          sample_size=32)
@@ -54,7 +56,8 @@ def build_text_encoder(arch: MiniArchitecture, tokenizer) -> CLIPTextModel:
 def build_unet(arch: MiniArchitecture) -> UNet2DConditionModel:
     levels = len(arch.unet_channels)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=tuple(arch.unet_channels),
+        sample_size=8, in_channels=arch.latent_channels, out_channels=arch.latent_channels,
+        block_out_channels=tuple(arch.unet_channels),
         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * levels,
         up_block_types=("CrossAttnUpBlock2D",) * levels, cross_attention_dim=arch.text_width,
         attention_head_dim=arch.attention_head_dim, norm_num_groups=16)
