@@ -77,13 +77,17 @@ def draw_fn(base: Path, lora: Path, vae_whole: bool = False, **size):
     return draw
 
 
-def seams(base: Path, lora: Path, seeds: list[int]) -> dict:
+SEAM_VARIANTS = {"multidiffusion": {}, "side_by_side": {"tile_overlap": 0.0}, "shifted_tiles": {"tile_blend": "shift"},
+                 "rescaled_tiles": {"tile_blend": "rescale"}, "seamless": {"seamless": True},
+                 "seamless_shifted": {"seamless": True, "tile_blend": "shift"},
+                 "seamless_rescaled": {"seamless": True, "tile_blend": "rescale"}}
+
+
+def seams(base: Path, lora: Path, seeds: list[int], names: list[str]) -> dict:
     out = {}
     naive_rows, naive_columns = tile_joins(64, 256, Tiling(32, 32, 0.0), 4)
     rng = np.random.default_rng(0)
-    for name, flags in (("multidiffusion", {}), ("side_by_side", {"tile_overlap": 0.0}),
-                        ("shifted_tiles", {"tile_blend": "shift"}), ("seamless", {"seamless": True}),
-                        ("seamless_shifted", {"seamless": True, "tile_blend": "shift"})):
+    for name, flags in ((n, f) for n, f in SEAM_VARIANTS.items() if n in names):
         images = [i for row in draw_fn(base, lora, height=64, width=256, **flags)(PROMPTS, seeds) for i in row]
         lines = [([int(rng.integers(1, 64))], [int(rng.integers(1, 256))]) for _ in images]
         out[name] = {"seam_score_at_tile_joins": float(np.mean([seam_score(i, naive_rows, naive_columns)
@@ -97,16 +101,17 @@ def seams(base: Path, lora: Path, seeds: list[int]) -> dict:
 
 # the crops' variants: how the tiles are blended, and whether the VAE decodes the field whole or in its own tiles
 CROP_VARIANTS = {"overlap_0.5": {}, "overlap_0.25": {"tile_overlap": 0.25}, "side_by_side": {"tile_overlap": 0.0},
-                 "overlap_0.5_vae_whole": {"vae_whole": True}, "shifted_tiles": {"tile_blend": "shift"}}
+                 "overlap_0.5_vae_whole": {"vae_whole": True}, "shifted_tiles": {"tile_blend": "shift"},
+                 "rescaled_tiles": {"tile_blend": "rescale"}}
 
 
-def crops_against_native(base: Path, lora: Path, data: Path, work: Path, n: int) -> dict:
+def crops_against_native(base: Path, lora: Path, data: Path, work: Path, n: int, names: list[str]) -> dict:
     """32 px crops of 128 px fields and native 32 px generations of one prompt, all scored in one evaluation (the
     same real-vs-real floors), as ratios to those floors."""
     from PIL import Image
 
     sets = {"native": draw_fn(base, lora, height=32, width=32)([PROMPTS[0]], list(range(n)))[0]}
-    for name, flags in CROP_VARIANTS.items():
+    for name, flags in ((n, f) for n, f in CROP_VARIANTS.items() if n in names):
         flags = dict(flags)
         vae_whole = flags.pop("vae_whole", False)
         draw = draw_fn(base, lora, height=128, width=128, vae_whole=vae_whole, **flags)
@@ -128,7 +133,8 @@ def crops_against_native(base: Path, lora: Path, data: Path, work: Path, n: int)
         ratios[name] = {k: values[k] / floor[k] for k in floor if not k.startswith("prdc") and floor[k] > 0}
         ratios[name]["mean"] = float(np.mean(list(ratios[name].values())))
     return {"images": {name: len(images) for name, images in sets.items()}, "ratio_to_floor": ratios,
-            "crops_over_native": {name: ratios[name]["mean"] / ratios["native"]["mean"] for name in CROP_VARIANTS}}
+            "crops_over_native": {name: ratios[name]["mean"] / ratios["native"]["mean"] for name in sets
+                                  if name != "native"}}
 
 
 CHILD = """
@@ -204,6 +210,8 @@ def main() -> None:
     parser.add_argument("--sides", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
                         help="measure only these; the other parts' recorded results are kept")
+    parser.add_argument("--variants", nargs="+", choices=sorted(set(SEAM_VARIANTS) | set(CROP_VARIANTS)),
+                        help="only these blends in the seams and crops parts (merged into what is recorded)")
     parser.add_argument("--shift-below", type=float, default=tiled.SHIFT_BELOW,
                         help="share of the schedule below which --tile-blend shift moves the tiles (a trial setting)")
     args = parser.parse_args()
@@ -211,7 +219,8 @@ def main() -> None:
     torch.set_num_threads(1)
     base = shipped_mini_base()
     path = RESULTS / "tiled_generation_cpu.json"
-    result = json.loads(path.read_text()) if path.is_file() and set(args.parts) != set(PARTS) else {}
+    keep = set(args.parts) != set(PARTS) or args.variants  # a partial run keeps the rest of the record
+    result = json.loads(path.read_text()) if path.is_file() and keep else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = phantom_data(work)
@@ -224,17 +233,26 @@ def main() -> None:
                             "targets": "attention, feedforward, resnet", "rank": 16}}
         for part in args.parts:
             name, measure = PARTS[part]
-            result[name] = measure(args, base, lora, data, work)
+            result[name] = merged(result.get(name), measure(args, base, lora, data, work))
             print(name, json.dumps(result[name])[:2000], flush=True)
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def merged(old, new):
+    """`new` over `old`, dict by dict: a run of some variants keeps the others' recorded numbers."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    return old | {k: merged(old.get(k), v) for k, v in new.items()}
+
+
 # part -> (result key, measure(args, base, lora, data, work))
 PARTS = {
-    "seams": ("seams_256x64", lambda a, base, lora, data, work: seams(base, lora, list(range(a.seeds)))),
+    "seams": ("seams_256x64", lambda a, base, lora, data, work: seams(base, lora, list(range(a.seeds)),
+                                                                      a.variants or list(SEAM_VARIANTS))),
     "crops": ("crops_128px_vs_native_32px",
-              lambda a, base, lora, data, work: crops_against_native(base, lora, data, work / "crops", 64)),
+              lambda a, base, lora, data, work: crops_against_native(base, lora, data, work / "crops", 64,
+                                                                     a.variants or list(CROP_VARIANTS))),
     "throughput": ("throughput_vs_diffusers", lambda a, base, lora, data, work: throughput(base, lora, 8, 3)),
     "scaling": ("scaling", lambda a, base, lora, data, work: scaling(base, lora, a.sides)),
 }

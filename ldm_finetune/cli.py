@@ -18,7 +18,7 @@ import yaml
 from data_prep.config import CaptionConfig, PrepConfig, SplitConfig
 from ldm_finetune.arguments import DefaultsFormatter, add_train_arguments, parse_with_overrides, setting
 from ldm_finetune.demo_settings import DemoSettings
-from ldm_finetune.generation.settings import GenerateSettings, SampleSettings
+from ldm_finetune.generation.settings import TILE_BLENDS, GenerateSettings, SampleSettings
 from ldm_finetune.core.configtools import from_dict, load_yaml, to_dict
 from ldm_finetune.core.errors import UserError, run_guarded
 
@@ -367,8 +367,8 @@ def _generate_command(command) -> None:
     setting(p, "--tile-overlap", GenerateSettings, "share of a tile its neighbour also covers (0 shows seams)",
             metavar="F")
     setting(p, "--tile-blend", GenerateSettings, "mean: overlapping tiles averaged (MultiDiffusion); shift: "
-            "side-by-side tiles moved at every step, which keeps the texture's contrast (--tile-overlap unused)",
-            choices=["mean", "shift"])
+            "side-by-side tiles moved at every step, which keeps the texture's contrast (--tile-overlap unused); "
+            "rescale: mean, with the prediction's spread restored to the tiles' own", choices=list(TILE_BLENDS))
     p.add_argument("--seamless", action="store_true",
                    help="periodic images that tile with themselves, like the weave (circular padding, wrapping tiles)")
     p.add_argument("--grayscale", action="store_true", help="save single-channel PNGs (CT slices are grey)")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.evaluation.metrics import seam_score
 from ldm_finetune.generation.generate import GenerateSettings, generate, load_pipeline
-from ldm_finetune.generation.tiled import Tiling, plan_tiling, shifted_windows, starts, tile_joins, tiled, windows
+from ldm_finetune.generation.tiled import (Tiling, plan_tiling, shifted_windows, starts, tile_joins, tiled, windows,
+                                           with_spread)
 from ldm_finetune.models.stable_diffusion import render
 from ldm_finetune.training.mini_base import shipped_mini_base
 
@@ -73,6 +75,23 @@ def test_overlapping_tiles_hide_the_seams_that_side_by_side_tiles_show(mini, tmp
     assert scores[0.5] <= 1.10 < scores[0.0], scores
 
 
+def test_the_rescale_blend_restores_the_tiles_spread(mini):
+    """Averaging two disagreeing tiles halves the spread where they overlap; the rescale blend gives each image
+    and channel back the tiles' own std, about its own mean, and leaves one-tile canvases alone."""
+    torch.manual_seed(0)
+    prediction = torch.randn(2, 4, 8, 16)
+    target = torch.tensor([[1.0, 2.0, 0.5, 1.5], [0.7, 0.7, 0.7, 0.7]])
+    out = with_spread(prediction, target)
+    assert torch.allclose(out.std(dim=(2, 3)), target, atol=1e-5)
+    assert torch.allclose(out.mean(dim=(2, 3)), prediction.mean(dim=(2, 3)), atol=1e-5)
+    assert torch.allclose(with_spread(prediction, prediction.std(dim=(2, 3))), prediction, atol=1e-5)
+    images = {}
+    for blend in ("mean", "rescale"):
+        with tiled(mini, Tiling(32, 32, blend=blend), 32, 64):
+            images[blend] = render(mini, PROMPTS[:1], [0], 8, 4.0, height=32, width=64)[0][0]
+    assert images["rescale"].shape == (32, 64, 3) and np.abs(images["rescale"] - images["mean"]).max() > 0.01
+
+
 def test_seamless_images_wrap(mini):
     """At native size (one tile, circular padding) and beyond it (tiles wrapping round the canvas)."""
     for height, width in ((32, 32), (32, 128)):
@@ -97,7 +116,7 @@ def _load(path):
     ({"height": 64, "width": 256, "tile": 96}, "larger than the output"),
     ({"height": 64, "width": 256, "tile": 36}, "multiple of 8"),
     ({"height": 64, "width": 256, "tile_overlap": 1.0}, "below 1"),
-    ({"height": 64, "width": 256, "tile_blend": "max"}, "choose mean or shift"),
+    ({"height": 64, "width": 256, "tile_blend": "max"}, "choose mean or shift or rescale"),
 ])
 def test_bad_sizes_are_one_line_and_write_nothing(mini, tmp_path, kwargs, message):
     with pytest.raises(UserError, match=message) as error:

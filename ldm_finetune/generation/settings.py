@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+TILE_BLENDS = ("mean", "shift", "rescale")  # how tiles' predictions become one (generation/tiled.py)
+
 
 @dataclass
 class GenerateSettings:
@@ -25,7 +27,7 @@ class GenerateSettings:
     window: tuple[float, float] | None = None  # tiff: the scanner window (default: the one the run recorded)
     tile: int | None = None  # MultiDiffusion tile side in px (default: the model's native size, when larger)
     tile_overlap: float = 0.5  # share of a tile its neighbour also covers
-    tile_blend: str = "mean"  # mean (MultiDiffusion) or shift (side-by-side tiles moved at every step)
+    tile_blend: str = "mean"  # mean (MultiDiffusion), shift (side-by-side tiles moved at every step) or rescale
     seamless: bool = False  # periodic slices: the image tiles with itself
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ldm_finetune.core.errors import UserError
+from ldm_finetune.generation.settings import TILE_BLENDS
 from ldm_finetune.models.stable_diffusion import native_side
 
 TILE_SAMPLES = 16  # tile samples per UNet call (tiles x images x 2 for guidance): bounds memory; batching is what
@@ -42,10 +43,13 @@ class Tiling:
     tile_w: int
     overlap: float = 0.5  # share of a tile its neighbour also covers; 0 = side-by-side tiles (seams show)
     seamless: bool = False
-    blend: str = "mean"  # mean: overlapping tiles' predictions averaged (MultiDiffusion); shift: see below
+    blend: str = "mean"  # mean: overlapping tiles' predictions averaged (MultiDiffusion); shift, rescale: below
 
 
-BLENDS = ("mean", "shift")
+# "rescale": the mean blend, then each image's and channel's prediction scaled about its mean so that its spread
+# is the tiles' own again (the std of each tile's prediction, averaged over tiles) - as guidance rescale (Lin et
+# al. 2024) restores the spread classifier-free guidance changes. Averaging overlapping predictions shrinks their
+# spread where tiles disagree, which flattens the texture's contrast; the joins stay blended.
 # "shift": while the layout forms (t >= SHIFT_BELOW x T) overlapping tiles are averaged as in "mean"; below it,
 # side-by-side tiles whose grid moves at every UNet call (quasi-random offsets, golden-ratio steps), so each latent
 # pixel gets one tile's prediction per step and no join stays in one place. Averaging overlapping predictions
@@ -70,8 +74,8 @@ def plan_tiling(pipe, height: int | None, width: int | None, tile: int | None, o
                         f"{min(height, width) // step * step} or less")
     if not 0 <= overlap < 1:
         raise UserError(f"--tile-overlap {overlap}: must be at least 0 and below 1")
-    if blend not in BLENDS:
-        raise UserError(f"--tile-blend {blend!r}: choose {' or '.join(BLENDS)}")
+    if blend not in TILE_BLENDS:
+        raise UserError(f"--tile-blend {blend!r}: choose {' or '.join(TILE_BLENDS)}")
     if tile is None and max(height, width) <= native and not seamless:
         return None
     side = tile or native
@@ -154,6 +158,7 @@ def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int, train_steps: int
         weight_here = weight.to(sample.device, sample.dtype)
         total = torch.zeros_like(sample)
         weights = torch.zeros(height, width, device=sample.device, dtype=sample.dtype)
+        tile_std = torch.zeros(batch, sample.shape[1], device=sample.device, dtype=sample.dtype)
         per_call = max(1, TILE_SAMPLES // batch)
         for chunk in range(0, len(tiles), per_call):
             group = tiles[chunk:chunk + per_call]
@@ -163,10 +168,21 @@ def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int, train_steps: int
             for (rows, columns), prediction in zip(group, predicted.split(batch)):
                 total[:, :, rows[:, None], columns] += prediction * weight_here
                 weights[rows[:, None], columns] += weight_here
+                tile_std += prediction.std(dim=(2, 3)) / len(tiles)
         blended_prediction = total / weights
+        if tiling.blend == "rescale" and len(tiles) > 1:
+            blended_prediction = with_spread(blended_prediction, tile_std)
         return UNet2DConditionOutput(sample=blended_prediction) if return_dict else (blended_prediction,)
 
     return types.MethodType(blended, unet)
+
+
+def with_spread(prediction: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`prediction` (B, C, h, w) scaled about each image's and channel's mean to the standard deviation `std`
+    (B, C)."""
+    mean = prediction.mean(dim=(2, 3), keepdim=True)
+    own = prediction.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    return mean + (prediction - mean) * (std[:, :, None, None] / own)
 
 
 def _periodic_conv(wrap_h: bool, wrap_w: bool):
