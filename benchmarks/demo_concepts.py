@@ -5,7 +5,8 @@ no latent model on this base can beat: real validation slices passed through the
 
     python -m ldm_finetune.cli demo --out /tmp/demo      # once: the dataset and the mini base
     python benchmarks/demo_concepts.py /tmp/demo --variants base text_encoder
-    python benchmarks/demo_concepts.py /tmp/demo --variants --ceiling
+    python benchmarks/demo_concepts.py /tmp/demo --variants --ceiling --blur 0.5 1.0
+    python benchmarks/demo_concepts.py /tmp/demo --variants --vae-variants 8x600 16x600   # ~20 min each, 1 thread
 
 Results: results/demo_concepts.json (one entry per variant, merged into what is there).
 """
@@ -24,6 +25,7 @@ import torch
 import yaml
 from diffusers import AutoencoderKL
 from PIL import Image
+from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -33,6 +35,9 @@ from demo_under_load import headline  # noqa: E402
 from ldm_finetune import demo  # noqa: E402
 from ldm_finetune.demo_settings import DemoSettings  # noqa: E402
 from ldm_finetune.evaluation.config import run_config  # noqa: E402
+from ldm_finetune.models.mini_base import MiniArchitecture  # noqa: E402
+from ldm_finetune.training.fit import fit  # noqa: E402
+from ldm_finetune.training.mini_base import MiniBaseSettings, VaeTask, vae_phase_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "demo_concepts.json"
 
@@ -78,16 +83,19 @@ def score(folder: Path, name: str, run: Path) -> dict:
     return headline(json.loads((out / "metrics.json").read_text()))["mini-lora-dreambooth"]
 
 
-def ceiling(folder: Path, per_class: int = 16) -> dict:
-    """Real validation slices at the SD size, through the mini base's VAE and back, scored like a model; the same
-    slices unchanged beside them (what the classifier and the floors give real images at that size)."""
+def ceiling(folder: Path, per_class: int = 16, vae_dir: Path | None = None, blur: tuple[float, ...] = ()) -> dict:
+    """Real validation slices at the SD size, through the mini base's VAE (or `vae_dir`) and back, scored like a
+    model; the same slices unchanged beside them (what the classifier and the floors give real images at that
+    size), and blurred with each Gaussian sigma in `blur` (px): how much sharpness the classifier needs. Each set
+    also gets its PSNR against the unchanged slices."""
     size = DemoSettings().sd_resolution
-    vae = AutoencoderKL.from_pretrained(folder / "mini-base", subfolder="vae").eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir or folder / "mini-base" / "vae").eval()
     valid = folder / "dataset" / "validation"
     rows = [json.loads(line) for line in (valid / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    out = folder / "concepts_eval" / "ceiling"
+    out = folder / "concepts_eval" / ("ceiling" if vae_dir is None else f"ceiling_{vae_dir.parent.name}")
     shutil.rmtree(out, ignore_errors=True)
     rng = np.random.default_rng(0)
+    squared_errors: dict[str, list[float]] = {}
     for cls in sorted({(r["state"], r["orientation"]) for r in rows}):
         mine = [r for r in rows if (r["state"], r["orientation"]) == cls]
         picked = [mine[i] for i in rng.choice(len(mine), min(per_class, len(mine)), replace=False)]
@@ -96,19 +104,38 @@ def ceiling(folder: Path, per_class: int = 16) -> dict:
                       for r in picked]).astype(np.float32) / 127.5 - 1
         x = torch.from_numpy(x).permute(0, 3, 1, 2)
         with torch.no_grad():
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        for name, batch in (("vae-roundtrip", y), ("real-at-sd-size", x)):
+            sets = {"vae-roundtrip": vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1),
+                    "real-at-sd-size": x}
+        sets |= {f"real-blur-{sigma}": torch.from_numpy(ndimage.gaussian_filter(x.numpy(), (0, 0, sigma, sigma)))
+                 for sigma in blur}
+        for name, batch in sets.items():
             target = out / name / f"{cls[0]}__{cls[1]}"
             target.mkdir(parents=True)
             for i, image in enumerate(batch):
                 grey = ((image.mean(0).numpy() + 1) * 127.5).round().astype(np.uint8)
                 Image.fromarray(grey).save(target / f"{i}.png")
+                squared_errors.setdefault(name, []).append(float(((image - x[i]) / 2).pow(2).mean()))
     cfg = {"real": str(folder / "dataset"), "probes": [], "bootstrap": 20, "seeds": list(range(per_class)),
-           "models": [{"name": n, "kind": "folder", "path": str(out / n)}
-                      for n in ("vae-roundtrip", "real-at-sd-size")]}
+           "models": [{"name": n, "kind": "folder", "path": str(out / n)} for n in squared_errors]}
     (out / "evaluate.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_config(out / "evaluate.yaml", out / "evaluation")
-    return headline(json.loads((out / "evaluation" / "metrics.json").read_text()))
+    scores = headline(json.loads((out / "evaluation" / "metrics.json").read_text()))
+    for name, errors in squared_errors.items():
+        if name != "real-at-sd-size":
+            scores[name]["psnr_db"] = round(float(np.mean([-10 * np.log10(e) for e in errors])), 2)
+    return scores
+
+
+def vae_variant(folder: Path, latent_channels: int, steps: int) -> dict:
+    """The mini base's VAE phase alone, with another latent channel count or length (same data, seed and rate),
+    and the ceiling its round trip gives."""
+    settings = MiniBaseSettings(vae_steps=steps, arch=MiniArchitecture(latent_channels=latent_channels))
+    work = folder / "vae_variants" / f"latent{latent_channels}_steps{steps}"
+    shutil.rmtree(work, ignore_errors=True)
+    started = time.perf_counter()
+    fit(vae_phase_config(work / "run", settings), VaeTask(settings, work / "vae"))
+    return {"latent_channels": latent_channels, "steps": steps, "train_seconds": round(time.perf_counter() - started),
+            "threads": torch.get_num_threads()} | ceiling(folder, vae_dir=work / "vae")
 
 
 def main() -> None:
@@ -116,6 +143,11 @@ def main() -> None:
     parser.add_argument("folder", type=Path, help="a finished demo's --out (dataset/ and mini-base/)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--ceiling", action="store_true", help="also score real slices through the base's VAE")
+    parser.add_argument("--blur", type=float, nargs="*", default=[], help="with --ceiling: also real slices blurred "
+                        "by these Gaussian sigmas (px)")
+    parser.add_argument("--vae-variants", nargs="*", default=[], metavar="CHANNELSxSTEPS",
+                        help="retrain the base's VAE phase with this latent channel count and length (e.g. 8x600) "
+                        "and score its ceiling")
     parser.add_argument("--label", default="", help="prefix of the results' keys (e.g. another mini base)")
     parser.add_argument("--score-only", action="store_true", help="score the variants' existing runs again")
     args = parser.parse_args()
@@ -131,8 +163,13 @@ def main() -> None:
         print(args.label + name, results[args.label + name], flush=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     if args.ceiling:
-        results[args.label + "ceiling"] = {"folder": str(args.folder)} | ceiling(args.folder)
+        results[args.label + "ceiling"] = {"folder": str(args.folder)} | ceiling(args.folder, blur=tuple(args.blur))
         print(results[args.label + "ceiling"], flush=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    for variant in args.vae_variants:
+        channels, steps = (int(v) for v in variant.split("x"))
+        results[f"{args.label}ceiling_vae_{variant}"] = vae_variant(args.folder, channels, steps)
+        print(variant, results[f"{args.label}ceiling_vae_{variant}"], flush=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 
