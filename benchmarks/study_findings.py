@@ -139,6 +139,49 @@ def summarise(runs: list[dict]) -> dict:
             for key, rows in groups.items()}
 
 
+def _cell(summary: dict, key: str, metric: str, digits: int = 2) -> str:
+    mean, sd = summary.get(key, {}).get(metric, (float("nan"), float("nan")))
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def tables(record: dict) -> str:
+    """The README's three tables (markdown) from a record: mean ± sd over the training seeds."""
+    summary, base = record["summary"], record["base"]
+    lengths = record["settings"]["lengths"]
+    cls = "class_prompt/a texture"
+    lines = ["| prior | steps | 'a texture': floors to CT | paired SSIM | read as a texture | instance: floors to CT |",
+             "|---|---|---|---|---|---|",
+             f"| (base) | 0 | {base['class_prompt']['a texture']['floors_to_ct']:.1f} | 1 | "
+             f"{base['class_prompt']['a texture']['probe_texture']:.2f} | {base['learned']['floors_to_ct']:.1f} |"]
+    for steps in lengths:
+        for arm in ("no_prior", "class_image_prior", "base_model_prior"):
+            key = f"{arm}@{steps}"
+            lines.append(f"| {arm} | {steps} | {_cell(summary, key, cls + '/floors_to_ct', 1)} | "
+                         f"{_cell(summary, key, cls + '/paired_ssim')} | {_cell(summary, key, cls + '/probe_texture')} "
+                         f"| {_cell(summary, key, 'learned/floors_to_ct', 1)} |")
+    hues = list(COLOURS)
+    lines += ["", "| arm | steps | world probe | kind | background | " + " | ".join(hues)
+              + " | colourfulness ratio | paired SSIM |", "|---" * (7 + len(hues)) + "|"]
+    u = base["unrelated"]
+    lines.append("| (base) | 0 | " + " | ".join(f"{u[k]:.2f}" for k in ["all", "kind", "background"]
+                                                + [f"colour_{h}" for h in hues]) + " | 1 | 1 |")
+    for steps in lengths:
+        for arm in ARMS:
+            key = f"{arm}@{steps}"
+            cells = [_cell(summary, key, f"unrelated/{k}") for k in ["all", "kind", "background"]
+                     + [f"colour_{h}" for h in hues] + ["colourfulness_ratio", "paired_ssim"]]
+            lines.append(f"| {arm} | {steps} | " + " | ".join(cells) + " |")
+    lines += ["", "| arm | steps | darkest-decile grey | instance: floors to CT |", "|---|---|---|---|",
+              f"| real slices | - | {record['real_dark_decile_grey']:.3f} | - |",
+              f"| (base) | 0 | {base['dark']['dark_decile_grey']:.3f} | {base['learned']['floors_to_ct']:.1f} |"]
+    for steps in lengths:
+        for arm in ("lora_offset_0.1", "lora_no_offset"):
+            key = f"{arm}@{steps}"
+            lines.append(f"| {arm} | {steps} | {_cell(summary, key, 'dark/dark_decile_grey', 3)} | "
+                         f"{_cell(summary, key, 'learned/floors_to_ct', 1)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -148,7 +191,11 @@ def main() -> None:
     parser.add_argument("--world-seeds", type=int, default=3, help="generations per world prompt")
     parser.add_argument("--dark", type=int, default=64, help="generations of the instance prompt (dark frames)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tables", action="store_true", help="print the README's tables from --out and stop")
     args = parser.parse_args()
+    if args.tables:
+        print(tables(json.loads(args.out.read_text())))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base_dir, probe, data = base_and_phantom(work)
