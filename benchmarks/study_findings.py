@@ -15,6 +15,10 @@ DreamBooth with offset noise 0.1 and without (the offset finding).
 
     python benchmarks/study_findings.py                       # 5 arms x 3 seeds x (100, 300) steps, ~40 min
     python benchmarks/study_findings.py --arms no_prior --seeds 0 --lengths 20   # a smoke run
+    # two processes of one thread each use 2 cores better than one of two; then join them
+    OMP_NUM_THREADS=1 python benchmarks/study_findings.py --arms no_prior class_image_prior lora_offset_0.1 --out a.json
+    OMP_NUM_THREADS=1 python benchmarks/study_findings.py --arms base_model_prior lora_no_offset --out b.json
+    python benchmarks/study_findings.py --merge a.json b.json
 
 Results: results/study_findings_cpu.json (every run, and mean +- sd per arm and length).
 """
@@ -36,6 +40,7 @@ from learning_drift import base_and_phantom, distance, load, real_sets, render  
 
 from ldm_finetune.data.world import CLASS_PROMPTS, COLOURS, TEXTURES, parse_prompt, world_prompts  # noqa: E402
 from ldm_finetune.evaluation import metrics as M  # noqa: E402
+from ldm_finetune.models.stable_diffusion import render as render_seeds  # noqa: E402
 from ldm_finetune.train import main as train_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,10 +65,16 @@ def dark_decile(grey: np.ndarray) -> float:
     return float(means[:max(1, len(means) // 10)].mean())
 
 
+def seeded(pipe, prompt: str, n: int) -> np.ndarray:
+    """(n, 32, 32, 3): `prompt` with seeds 0..n-1, batched with one generator per seed (the learning benchmark's
+    sampler: 20 steps, guidance 4)."""
+    return np.stack(render_seeds(pipe, [prompt], list(range(n)), 20, 4.0, height=32, width=32)[0])
+
+
 def class_prompt_scores(pipe, probe, data: Path, seeds: int, base: dict | None) -> dict:
     out = {}
     for prompt in CLASS_PROMPTS:
-        rgb = render(pipe, [prompt], seeds)
+        rgb = seeded(pipe, prompt, seeds)
         grey = rgb.mean(3).astype(np.float32)
         row = {"floors_to_ct": distance(data, CONCEPT, grey),
                "probe_texture": float(np.mean([c["ok"] for c in probe.check(rgb, [prompt] * len(rgb))]))}
@@ -98,7 +109,7 @@ def measure(pipe, probe, data: Path, args, base: dict | None = None) -> dict:
     classes = class_prompt_scores(pipe, probe, data, args.class_seeds, base)
     class_grey = classes.pop("_grey")
     unrelated, world_grey = unrelated_scores(pipe, probe, args.world_seeds, base)
-    instance = render(pipe, [INSTANCE], args.dark).mean(3).astype(np.float32)
+    instance = seeded(pipe, INSTANCE, args.dark).mean(3).astype(np.float32)
     out = {"class_prompt": classes, "unrelated": unrelated,
            "dark": {"dark_decile_grey": dark_decile(instance), "n": len(instance)},
            "learned": {"floors_to_ct": distance(data, CONCEPT, instance[:args.class_seeds])}}
@@ -192,7 +203,16 @@ def main() -> None:
     parser.add_argument("--dark", type=int, default=64, help="generations of the instance prompt (dark frames)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tables", action="store_true", help="print the README's tables from --out and stop")
+    parser.add_argument("--merge", nargs="+", type=Path, help="join records of the same settings run as separate "
+                        "processes (e.g. one per arm group) into --out, and stop")
     args = parser.parse_args()
+    if args.merge:
+        records = [json.loads(path.read_text()) for path in args.merge]
+        joined = records[0] | {"runs": [run for r in records for run in r["runs"]]}
+        joined["settings"]["arms"] = [arm for r in records for arm in r["settings"]["arms"]]
+        joined["summary"] = summarise(joined["runs"])
+        args.out.write_text(json.dumps(joined, indent=1) + "\n")
+        return
     if args.tables:
         print(tables(json.loads(args.out.read_text())))
         return
