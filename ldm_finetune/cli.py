@@ -256,6 +256,7 @@ def _phantom_command(command) -> None:
     p.add_argument("--states", nargs="+", metavar="STATE", help="only these states (default: all three)")
     p.set_defaults(func=_phantom)
 
+
 def _prep_command(command) -> None:
     p = command("prep", help="slice TIFF volumes into a captioned 2D dataset (train/validation)",
                        description="Slice 3D TIFF volumes into thickness / warp / weft images with captions, split "
@@ -305,6 +306,7 @@ def _prep_command(command) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prep)
 
+
 def _mini_base_command(command) -> None:
     p = command("mini-base", help="pretrain the small text-to-image base on the procedural world (CPU)",
                        description="Pretrain a small Stable-Diffusion-architecture pipeline (AutoencoderKL, "
@@ -322,6 +324,7 @@ def _mini_base_command(command) -> None:
     p.add_argument("--pack", type=Path, metavar="DIR", help="also write the shipped form (fp16) to DIR")
     p.set_defaults(func=_mini_base)
 
+
 def _tiny_model_command(command) -> None:
     p = command("tiny-model", help="write a small random-init SD pipeline (for tests and the demo)",
                        description="Write a small random-init Stable Diffusion pipeline in diffusers layout "
@@ -333,12 +336,14 @@ def _tiny_model_command(command) -> None:
                    help="what the UNet predicts")
     p.set_defaults(func=_tiny_model)
 
+
 def _train_command(command) -> None:
     p = command("train", help="train a recipe (same code as accelerate launch -m ldm_finetune.train)",
                        description="Train a recipe YAML from recipes/ in this process (CPU or one GPU). For mixed "
                        "precision on several GPUs use: accelerate launch -m ldm_finetune.train CONFIG [KEY=VALUE ...]")
     add_train_arguments(p)
     p.set_defaults(func=_train)
+
 
 def _generate_command(command) -> None:
     p = command("generate", help="generate images from prompts with a base model, LoRAs and embeddings",
@@ -383,6 +388,7 @@ def _generate_command(command) -> None:
     p.add_argument("--per-concept", type=int, default=16, metavar="N", help="--dataset: images per concept")
     p.set_defaults(func=_generate)
 
+
 def _export_command(command) -> None:
     p = command("export", help="write a LoRA in the kohya layout, or a single-file checkpoint",
                        description="--format kohya: a diffusers-layout LoRA (file or run folder) in the kohya layout "
@@ -400,6 +406,7 @@ def _export_command(command) -> None:
     p.add_argument("--half", action="store_true", help="checkpoint: store fp16 weights (half the size)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
+
 
 def _sample_command(command) -> None:
     p = command("sample", help="sample slices from a pixel DDPM, or from the training-free local-score baseline",
@@ -432,6 +439,7 @@ def _sample_command(command) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_sample)
 
+
 def _evaluate_command(command) -> None:
     p = command("evaluate", help="weight-free fidelity, memorisation, 3D consistency and drift report",
                        description="Compare generated slices with real ones and write OUT/metrics.json and "
@@ -451,6 +459,7 @@ def _evaluate_command(command) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of subsampling and bootstrap")
     p.set_defaults(func=_evaluate)
 
+
 def _identifiers_command(command) -> None:
     p = command("identifiers", help="rare single-token DreamBooth identifiers for a model's tokenizer",
                        description="List rare words that are one token in the model's tokenizer (good DreamBooth "
@@ -459,6 +468,7 @@ def _identifiers_command(command) -> None:
     p.add_argument("--check", nargs="+", metavar="WORD", help="words to check (e.g. w17h3r sks)")
     p.add_argument("--n", type=int, default=20, help="number of candidates to list")
     p.set_defaults(func=_identifiers)
+
 
 def _demo_command(command) -> None:
     p = command("demo", help="run the whole pipeline on built-in synthetic data (CPU, ~11 min on 2 cores)",
