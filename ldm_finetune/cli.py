@@ -316,7 +316,7 @@ def _mini_base_command(command) -> None:
                        "cached (LDM_FINETUNE_CACHE, default ~/.cache/ldm_finetune), then copied to OUT.")
     p.add_argument("out", type=Path, metavar="OUT", help="folder for the diffusers pipeline")
     p.add_argument("--rebuild", action="store_true",
-                   help="pretrain from scratch instead of unpacking the shipped weights (~30 min on 2 cores)")
+                   help="pretrain from scratch instead of unpacking the shipped weights (~1.5 h on 2 cores)")
     p.add_argument("--seed", type=int, default=0, help="--rebuild: build seed")
     p.add_argument("--vae-steps", type=int, default=1500, help="--rebuild: VAE training steps")
     p.add_argument("--steps", type=int, default=2500, help="--rebuild: UNet + text encoder training steps")
