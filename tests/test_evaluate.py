@@ -290,6 +290,8 @@ def test_probe_rows_name_the_dreambooth_class_prompt(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"concepts": concepts}}))
     assert class_prompts(ModelEntry("db", "sd", "base", loras=[f"{run}:0.8"])) == ["a texture"]
     assert class_prompts(ModelEntry("db", "sd", "base", loras=[str(run / "lora.safetensors")])) == ["a texture"]
+    (run / "embeddings").mkdir()
+    assert class_prompts(ModelEntry("db", "sd", "base", embeddings=[str(run / "embeddings")])) == ["a texture"]
     assert class_prompts(ModelEntry("plain", "sd", "base", loras=[str(tmp_path / "elsewhere.safetensors")])) == []
     page = _probes({"base": "base", "models": {"db": {"prompts": {"a red circle": {}, "a texture": {}},
                                                       "class_prompts": ["a texture"]}}})

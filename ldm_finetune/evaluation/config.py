@@ -328,8 +328,9 @@ def class_prompts(entry: ModelEntry) -> list[str]:
     found = []
     for text in entry.loras + entry.embeddings:
         path = Path(parse_lora_arg(text)[0])
-        config = RunLayout(path if path.is_dir() else path.parent).config
-        if config.is_file():
+        # a run folder, a file in one, or a folder in one (the embeddings/ folder)
+        config = next((c for c in (RunLayout(path).config, RunLayout(path.parent).config) if c.is_file()), None)
+        if config is not None:
             concepts = (load_yaml(config).get("data") or {}).get("concepts") or []
             found += [c["class_prompt"] for c in concepts if c.get("class_prompt")]
     return list(dict.fromkeys(found))
