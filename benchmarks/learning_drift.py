@@ -78,6 +78,12 @@ def real_sets(data: Path, cls: str) -> tuple[np.ndarray, np.ndarray]:
     return grey_set(data / "train", cls), grey_set(data / "validation", cls)
 
 
+def dark_decile(grey: np.ndarray) -> float:
+    """Mean grey of the darkest tenth of the images (by each image's mean grey), in [0, 1]."""
+    means = np.sort(grey.reshape(len(grey), -1).mean(1))
+    return float(means[:max(1, len(means) // 10)].mean())
+
+
 def distance(data: Path, cls: str, images: np.ndarray) -> float:
     """Generations of a concept against its real training slices, in real-vs-real floors (training vs validation
     slices of that concept) averaged over the registry's five distances."""
@@ -119,8 +125,7 @@ def measure(pipe, probe, trained: dict[str, str], data: Path, base_world: np.nda
     for prompt, cls in trained.items():
         images = render(pipe, [prompt], seeds).mean(3).astype(np.float32)
         out["learned"][prompt] = {"distance_to_ct": distance(data, cls, images),
-                                  "dark_decile_grey": float(np.sort(images.reshape(len(images), -1).mean(1))[
-                                      : max(1, len(images) // 10)].mean())}
+                                  "dark_decile_grey": dark_decile(images)}
     return out, world
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning_drift import base_and_phantom, distance, load, real_sets, render  # noqa: E402
+from learning_drift import base_and_phantom, dark_decile, distance, load, real_sets, render  # noqa: E402
 
 from ldm_finetune.data.world import CLASS_PROMPTS, COLOURS, TEXTURES, parse_prompt, world_prompts  # noqa: E402
 from ldm_finetune.evaluation import metrics as M  # noqa: E402
@@ -59,20 +59,15 @@ ARMS = {  # arm -> (recipe, overrides)
 }
 
 
-def dark_decile(grey: np.ndarray) -> float:
-    """Mean grey of the darkest tenth of the images (by each image's mean grey), in [0, 1]."""
-    means = np.sort(grey.reshape(len(grey), -1).mean(1))
-    return float(means[:max(1, len(means) // 10)].mean())
-
-
 def seeded(pipe, prompt: str, n: int) -> np.ndarray:
     """(n, 32, 32, 3): `prompt` with seeds 0..n-1, batched with one generator per seed (the learning benchmark's
     sampler: 20 steps, guidance 4)."""
     return np.stack(render_seeds(pipe, [prompt], list(range(n)), 20, 4.0, height=32, width=32)[0])
 
 
-def class_prompt_scores(pipe, probe, data: Path, seeds: int, base: dict | None) -> dict:
-    out = {}
+def class_prompt_scores(pipe, probe, data: Path, seeds: int, base: dict | None) -> tuple[dict, dict]:
+    """Scores per class prompt, and its grey generations (what later runs are paired with)."""
+    out, greys = {}, {}
     for prompt in CLASS_PROMPTS:
         rgb = seeded(pipe, prompt, seeds)
         grey = rgb.mean(3).astype(np.float32)
@@ -80,9 +75,8 @@ def class_prompt_scores(pipe, probe, data: Path, seeds: int, base: dict | None) 
                "probe_texture": float(np.mean([c["ok"] for c in probe.check(rgb, [prompt] * len(rgb))]))}
         if base is not None:
             row["paired_ssim"] = float(np.mean([M.ssim(a, b) for a, b in zip(base["class_grey"][prompt], grey)]))
-        out[prompt] = row
-        out.setdefault("_grey", {})[prompt] = grey
-    return out
+        out[prompt], greys[prompt] = row, grey
+    return out, greys
 
 
 def unrelated_scores(pipe, probe, seeds: int, base: dict | None) -> tuple[dict, np.ndarray]:
@@ -106,8 +100,7 @@ def unrelated_scores(pipe, probe, seeds: int, base: dict | None) -> tuple[dict, 
 
 
 def measure(pipe, probe, data: Path, args, base: dict | None = None) -> dict:
-    classes = class_prompt_scores(pipe, probe, data, args.class_seeds, base)
-    class_grey = classes.pop("_grey")
+    classes, class_grey = class_prompt_scores(pipe, probe, data, args.class_seeds, base)
     unrelated, world_grey = unrelated_scores(pipe, probe, args.world_seeds, base)
     instance = seeded(pipe, INSTANCE, args.dark).mean(3).astype(np.float32)
     out = {"class_prompt": classes, "unrelated": unrelated,

@@ -158,6 +158,7 @@ def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int, train_steps: int
         weight_here = weight.to(sample.device, sample.dtype)
         total = torch.zeros_like(sample)
         weights = torch.zeros(height, width, device=sample.device, dtype=sample.dtype)
+        rescale = tiling.blend == "rescale" and len(tiles) > 1
         tile_std = torch.zeros(batch, sample.shape[1], device=sample.device, dtype=sample.dtype)
         per_call = max(1, TILE_SAMPLES // batch)
         for chunk in range(0, len(tiles), per_call):
@@ -168,9 +169,10 @@ def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int, train_steps: int
             for (rows, columns), prediction in zip(group, predicted.split(batch)):
                 total[:, :, rows[:, None], columns] += prediction * weight_here
                 weights[rows[:, None], columns] += weight_here
-                tile_std += prediction.std(dim=(2, 3)) / len(tiles)
+                if rescale:  # only the rescale blend needs the tiles' own spread
+                    tile_std += prediction.std(dim=(2, 3)) / len(tiles)
         blended_prediction = total / weights
-        if tiling.blend == "rescale" and len(tiles) > 1:
+        if rescale:
             blended_prediction = with_spread(blended_prediction, tile_std)
         return UNet2DConditionOutput(sample=blended_prediction) if return_dict else (blended_prediction,)
 
