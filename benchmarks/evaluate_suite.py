@@ -69,8 +69,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
     record = {"machine": platform.processor() or platform.machine(), "settings": vars(args),
               "seconds": seconds, "target_seconds": 60,
-              "classifier_accuracy": results["classifier"]["models"]["model"]["accuracy"],
-              "ceiling_accuracy": results["classifier"]["ceiling_accuracy"]}
+              "classifier_accuracy": results.classifier.models["model"].accuracy,
+              "ceiling_accuracy": results.classifier.ceiling_accuracy}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"evaluate_suite_{args.n}x{args.size}px.json"
     path.write_text(json.dumps(record, indent=2))

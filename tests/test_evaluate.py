@@ -293,7 +293,28 @@ def test_probe_rows_name_the_dreambooth_class_prompt(tmp_path):
     (run / "embeddings").mkdir()
     assert class_prompts(ModelEntry("db", "sd", "base", embeddings=[str(run / "embeddings")])) == ["a texture"]
     assert class_prompts(ModelEntry("plain", "sd", "base", loras=[str(tmp_path / "elsewhere.safetensors")])) == []
-    page = _probes({"base": "base", "models": {"db": {"prompts": {"a red circle": {}, "a texture": {}},
-                                                      "class_prompts": ["a texture"]}}})
+    from ldm_finetune.evaluation.results import ModelProbes, ProbeResult
+
+    page = _probes(ProbeResult("base", {"db": ModelProbes({"a red circle": {}, "a texture": {}}, {}, ["a texture"])}))
     assert page.count("DreamBooth class prompt") == 1
     assert page.index("a red circle") < page.index("a texture") < page.index("DreamBooth class prompt")
+
+
+def test_typed_results_write_only_what_was_measured():
+    """metrics.json is the typed results as plain numbers and paths; a section or field not measured (None) is left
+    out rather than written as null, as the report and readers of metrics.json expect."""
+    from ldm_finetune.evaluation.results import (ConceptFidelity, EvaluationResults, MemorisationResult,
+                                                 ModelFidelity, ModelMemorisation, NearCopy)
+
+    copies = ModelMemorisation(0.2, [0.2], [3], [0.99], [NearCopy("gen/0.png", "train/3.png", 0.99)], 1.0)
+    results = EvaluationResults(
+        settings={"real": "data"}, consistency={},
+        fidelity={"dry/warp": ConceptFidelity(8, {}, {"m": ModelFidelity(8, {"grey": 0.1}, {"grey": [0.1, 0.2]})})},
+        classifier=None, memorisation=MemorisationResult(0.95, {"m": copies}))
+    plain = results.to_json()
+    assert json.loads(json.dumps(plain)) == plain
+    assert "classifier" not in plain and "floor" not in plain["fidelity"]["dry/warp"]
+    assert plain["fidelity"]["dry/warp"]["models"]["m"] == {"n": 8, "values": {"grey": 0.1}, "ci": {"grey": [0.1, 0.2]}}
+    assert plain["memorisation"]["models"]["m"]["near_copies"] == [
+        {"generated": "gen/0.png", "training": "train/3.png", "ncc": 0.99}]
+    assert "validation_ncc_p99" not in plain["memorisation"]

@@ -39,6 +39,7 @@ from ldm_finetune.data.world import SIZE as WORLD_SIZE
 from ldm_finetune.data.world import parse_prompt
 from ldm_finetune.evaluation import metrics as M
 from ldm_finetune.evaluation.evaluate import SuiteSettings, evaluate_sets
+from ldm_finetune.evaluation.results import ModelProbes, ProbeResult
 from ldm_finetune.evaluation.imagesets import load_generated, load_real, load_rgb, resized
 from ldm_finetune.evaluation.metrics import load_set
 from ldm_finetune.evaluation.stats import compute_stats
@@ -245,10 +246,10 @@ def run_config(path: Path, out: Path) -> Path:
     # their own size against real slices resized down to it
     generated = {name: load_generated(folder, name, None) for name, folder in folders.items()}
     generated = {name: resized(g, size) if g.images.shape[1] > size else g for name, g in generated.items()}
-    extra = {"notes": _notes(cfg) + cfg.notes, "probes": {}, "skipped": []}
-    extra["probes"] = probe_metrics(cfg, folders, real, size, extra["skipped"])
+    skipped: list[dict] = []
+    probes = probe_metrics(cfg, folders, real, size, skipped)
     suite = SuiteSettings(cfg.real, size, cfg.max_real, cfg.bootstrap, cfg.seed, cfg.copy_ncc)
-    evaluate_sets(suite, generated, out, extra, real_train=real)
+    evaluate_sets(suite, generated, out, real, notes=_notes(cfg) + cfg.notes, probes=probes, skipped=skipped)
     return out
 
 
@@ -266,7 +267,8 @@ def _notes(cfg: EvalConfig) -> list[str]:
     return notes
 
 
-def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, skipped: list) -> dict:
+def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int,
+                  skipped: list) -> ProbeResult | None:
     """Base vs each fine-tuned SD model on the probe prompts with identical seeds: SSIM / PSNR, colourfulness ratio,
     CT-leakage (share of fine-tuned probe images nearer the CT set than the base model's probes, in descriptor
     space). CLIP scores only with a local CLIP model."""
@@ -275,7 +277,7 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
     base = next((m for m in sd if m.base), None) or next((m for m in sd if not m.loras and not m.embeddings), None)
     if base is None or len(sd) < 2 or not cfg.probes:
         skipped.append({"what": "prompt-drift probes", "reason": "need a base SD model and a fine-tuned one"})
-        return {}
+        return None
     skipped.append({"what": "LPIPS, KID", "reason": "need pretrained network weights; none are configured "
                     "(only the weight-free probes ran)"})
     if cfg.clip_model is None:
@@ -283,7 +285,7 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
     thresholds = M.multi_otsu(real.images, 3)
     real_desc = compute_stats(real.images, thresholds).descriptors()
     scale = M.Standardizer(real_desc)
-    out = {"base": base.name, "models": {}}
+    out = ProbeResult(base.name)
     # a mini base carries the probe that reads its world: the ground truth the weight-free scores are checked against
     probe_file = Path(base.model) / "probe.safetensors"
     world_probe = load_probe(Path(base.model)) if probe_file.is_file() else None
@@ -317,8 +319,8 @@ def probe_metrics(cfg: EvalConfig, folders: dict[str, Path], real, size: int, sk
             near_ct = M.pairwise_msd(ft_desc, ct).min(1)
             near_base = M.pairwise_msd(ft_desc, base_desc).min(1)
             rows[prompt]["ct_leakage"] = float((near_ct < near_base).mean())
-        out["models"][entry.name] = {"prompts": rows, "grids": grids, "class_prompts": class_prompts(entry)}
-        out["side"] = int(b_rgb[0].shape[1])
+        out.models[entry.name] = ModelProbes(rows, grids, class_prompts(entry))
+        out.side = int(b_rgb[0].shape[1])
     return out
 
 

@@ -22,6 +22,20 @@ from ldm_finetune.evaluation import metrics as M
 from ldm_finetune.evaluation.imagesets import ImageSet, check_sizes, load_generated, load_real, resized
 from ldm_finetune.evaluation.registry import set_distances
 from ldm_finetune.evaluation.report import write_report
+from ldm_finetune.evaluation.results import (
+    ClassifierResult,
+    ConceptFidelity,
+    ConsistencyResult,
+    Cuts,
+    EvaluationResults,
+    MemorisationResult,
+    ModelAccuracy,
+    ModelFidelity,
+    ModelMemorisation,
+    NearCopy,
+    Ordering,
+    ProbeResult,
+)
 from ldm_finetune.evaluation.stats import Stats, parallel_stats
 
 MIN_IMAGES = 4  # fewer images than this and a per-class statistic is skipped (the report says so)
@@ -56,7 +70,7 @@ def bootstrap(real: Stats, other: Stats, glcm_scale, rounds: int, seed: int) -> 
 
 
 def fidelity(train: Measured, val: Measured, generated: dict[str, Measured], rounds: int, seed: int,
-             skipped: list) -> dict:
+             skipped: list) -> dict[str, ConceptFidelity]:
     """Per class: each distance for every generated set with its interval, the real-vs-real floor, and the mean
     curves (power spectrum, two-point) the report plots."""
     classes = _shared_classes(train.images, {n: g.images for n, g in generated.items()})
@@ -68,21 +82,20 @@ def fidelity(train: Measured, val: Measured, generated: dict[str, Measured], rou
             skipped.append({"what": f"fidelity {key}", "reason": f"only {len(t_images)} real training images"})
             continue
         scale = t_stats.glcm.std(0) + 1e-8
-        entry = {"n_real": len(t_images), "curves": {"real": _curves(t_stats)}}
+        entry = ConceptFidelity(len(t_images), {"real": _curves(t_stats)})
         v_images, v_stats = val.of_class(cls) if val.stats is not None else (val.images, None)
         # SWD estimates grow as samples shrink: every SWD of this class uses the same number of images
         sizes = [len(t_images), len(v_images)] + [len(g.of_class(cls)[0]) for g in generated.values()]
         n_swd = max(MIN_IMAGES, min([SWD_IMAGES] + [n for n in sizes if n >= MIN_IMAGES]))
-        entry["swd_images"] = n_swd
+        entry.swd_images = n_swd
         train_pyramid = M.laplacian_pyramid(t_images.images[:n_swd], M.pyramid_levels(t_images.images))
         if v_stats is not None and len(v_images) >= MIN_IMAGES:
-            entry["floor"] = set_distances(t_stats, v_stats, scale)
-            entry["floor"]["swd"] = float(np.mean(M.pyramid_swd(t_images.images, v_images.images, seed=seed,
-                                                                 max_images=n_swd, pyramid_a=train_pyramid)))
-            entry["floor"].update({f"prdc_{k}": v for k, v in _prdc(t_stats, v_stats).items()})
+            entry.floor = set_distances(t_stats, v_stats, scale)
+            entry.floor["swd"] = float(np.mean(M.pyramid_swd(t_images.images, v_images.images, seed=seed,
+                                                             max_images=n_swd, pyramid_a=train_pyramid)))
+            entry.floor.update({f"prdc_{k}": v for k, v in _prdc(t_stats, v_stats).items()})
         else:
             skipped.append({"what": f"floor {key}", "reason": f"only {len(v_images)} validation images"})
-        entry["models"] = {}
         for name, gen in generated.items():
             g_images, g_stats = gen.of_class(cls)
             if len(g_images) < MIN_IMAGES:
@@ -93,9 +106,8 @@ def fidelity(train: Measured, val: Measured, generated: dict[str, Measured], rou
             values["swd"] = float(np.mean(M.pyramid_swd(t_images.images, g_images.images, seed=seed,
                                                         max_images=n_swd, pyramid_a=train_pyramid)))
             values.update({f"prdc_{k}": v for k, v in _prdc(t_stats, g_stats).items()})
-            entry["models"][name] = {"n": len(g_images), "values": values,
-                                     "ci": bootstrap(t_stats, g_stats, scale, rounds, seed)}
-            entry["curves"][name] = _curves(g_stats)
+            entry.models[name] = ModelFidelity(len(g_images), values, bootstrap(t_stats, g_stats, scale, rounds, seed))
+            entry.curves[name] = _curves(g_stats)
         out[key] = entry
     return out
 
@@ -116,19 +128,19 @@ def _shared_classes(real: ImageSet, generated: dict[str, ImageSet]) -> list[str 
     return [c for c in gen_classes if c in real.known_classes()]
 
 
-def classifier(train: Measured, val: Measured, generated: dict[str, Measured], skipped: list) -> dict:
+def classifier(train: Measured, val: Measured, generated: dict[str, Measured],
+               skipped: list) -> ClassifierResult | None:
     """A descriptor classifier trained on real training slices: its accuracy on validation slices is the ceiling;
     on generated slices it measures whether each prompt produced its concept."""
     classes = train.images.known_classes()
     if len(classes) < 2:
         skipped.append({"what": "concept classifier", "reason": "the real set has fewer than 2 classes"})
-        return {}
+        return None
     clf = M.DescriptorClassifier(train.stats.descriptors(), list(train.images.classes))
-    out = {"classes": clf.classes}
+    out = ClassifierResult(clf.classes)
     if val.stats is not None and len(val.images):
         predicted = clf.predict(val.stats.descriptors())
-        out["ceiling_accuracy"] = float(np.mean([p == t for p, t in zip(predicted, val.images.classes)]))
-    out["models"] = {}
+        out.ceiling_accuracy = float(np.mean([p == t for p, t in zip(predicted, val.images.classes)]))
     for name, gen in generated.items():
         labelled = [i for i, c in enumerate(gen.images.classes) if c in clf.classes]
         if not labelled:
@@ -136,8 +148,8 @@ def classifier(train: Measured, val: Measured, generated: dict[str, Measured], s
             continue
         truth = [gen.images.classes[i] for i in labelled]
         predicted = clf.predict(gen.stats.take(labelled).descriptors())
-        out["models"][name] = {"accuracy": float(np.mean([p == t for p, t in zip(predicted, truth)])),
-                               "confusion": M.confusion(truth, predicted, clf.classes)}
+        out.models[name] = ModelAccuracy(float(np.mean([p == t for p, t in zip(predicted, truth)])),
+                                         M.confusion(truth, predicted, clf.classes))
     return out
 
 
@@ -163,7 +175,7 @@ def _best_matches(small: np.ndarray, bank: np.ndarray, bank_mag: np.ndarray, can
 
 
 def memorisation(bank_set: ImageSet, real_val: ImageSet, generated: dict[str, ImageSet], copy_ncc: float,
-                 candidates: int = 8) -> dict:
+                 candidates: int = 8) -> MemorisationResult:
     """Nearest training slice of each generated one by L2 and by shift-tolerant NCC. Innovation (seed 000) = mean
     nearest L2 distance. Validation slices are new by construction, so their numbers are the reference: woven
     composites are periodic, and a new slice of the same weave can correlate highly with a training one. A generated
@@ -173,26 +185,23 @@ def memorisation(bank_set: ImageSet, real_val: ImageSet, generated: dict[str, Im
     bank = bank_set.images
     bank_mag = np.abs(np.fft.rfft2(bank - bank.mean((1, 2), keepdims=True)))
     bank_fft = M.normalised_fft(bank)
-    out = {"models": {}}
-    threshold = copy_ncc
+    out = MemorisationResult(copy_ncc)
     if len(real_val):
         val = M.resize_set(real_val.images[:200], size)
         _, d, ncc, _ = _best_matches(val, bank, bank_mag, candidates, bank_fft)
-        out.update({"validation_innovation": float(d.mean()), "validation_ncc_p99": float(np.quantile(ncc, 0.99))})
-        threshold = max(copy_ncc, out["validation_ncc_p99"])
-    out["copy_threshold"] = threshold
+        out.validation_innovation, out.validation_ncc_p99 = float(d.mean()), float(np.quantile(ncc, 0.99))
+        out.copy_threshold = max(copy_ncc, out.validation_ncc_p99)
     for name, gen in generated.items():
         small = M.resize_set(gen.images, size)
         index, dist, ncc, twin = _best_matches(small, bank, bank_mag, candidates, bank_fft)
-        flags = [{"generated": str(gen.paths[i]) if gen.paths else i, "training": str(bank_set.paths[twin[i]]),
-                  "ncc": float(ncc[i])} for i in np.flatnonzero(ncc >= threshold)]
-        out["models"][name] = {"innovation": float(dist.mean()), "nearest_l2": dist.tolist(),
-                               "nearest_index": index.tolist(), "best_ncc": ncc.tolist(), "near_copies": flags,
-                               "near_copy_rate": len(flags) / max(1, len(gen))}
+        flags = [NearCopy(str(gen.paths[i]) if gen.paths else str(i), str(bank_set.paths[twin[i]]), float(ncc[i]))
+                 for i in np.flatnonzero(ncc >= out.copy_threshold)]
+        out.models[name] = ModelMemorisation(float(dist.mean()), dist.tolist(), index.tolist(), ncc.tolist(), flags,
+                                             len(flags) / max(1, len(gen)))
     return out
 
 
-def consistency(train: Measured, generated: dict[str, Measured]) -> dict:
+def consistency(train: Measured, generated: dict[str, Measured]) -> ConsistencyResult:
     """3D consistency per state: the phase fractions of its thickness / warp / weft images should agree (stereology:
     area fractions estimate the same volume fraction in any cut), and orderings between states seen in the real
     data (e.g. more voids in dry than in dry-compacted) should hold."""
@@ -211,7 +220,7 @@ def consistency(train: Measured, generated: dict[str, Measured]) -> dict:
 
     real_table = table(train)
     phases = len(next(iter(next(iter(real_table.values())).values())))
-    out = {"real": {"fractions": real_table, "cut_spread": spreads(real_table)}, "models": {}}
+    out = ConsistencyResult(Cuts(real_table, spreads(real_table)))
     for name, gen in generated.items():
         gen_table = table(gen)
         orderings = []
@@ -222,9 +231,8 @@ def consistency(train: Measured, generated: dict[str, Measured]) -> dict:
                     ra, rb = mean_fraction(real_table[a], phase), mean_fraction(real_table[b], phase)
                     ga, gb = mean_fraction(gen_table[a], phase), mean_fraction(gen_table[b], phase)
                     first, second = (a, b) if ra >= rb else (b, a)
-                    orderings.append({"phase": label, "order": f"{first} > {second}",
-                                      "holds": bool((ga >= gb) == (ra >= rb))})
-        out["models"][name] = {"fractions": gen_table, "cut_spread": spreads(gen_table), "orderings": orderings}
+                    orderings.append(Ordering(label, f"{first} > {second}", bool((ga >= gb) == (ra >= rb))))
+        out.models[name] = Cuts(gen_table, spreads(gen_table), orderings)
     return out
 
 
@@ -239,12 +247,14 @@ class SuiteSettings:
     copy_ncc: float = 0.95  # normalised cross-correlation above which an image is a near-copy of a training slice
 
 
-def evaluate_sets(suite: SuiteSettings, generated: dict[str, ImageSet], out: Path, extra: dict | None = None,
-                  real_train: ImageSet | None = None) -> dict:
-    """The weight-free suite for already generated sets; writes metrics.json and report.html."""
+def evaluate_sets(suite: SuiteSettings, generated: dict[str, ImageSet], out: Path,
+                  real_train: ImageSet | None = None, notes: list[str] | None = None,
+                  probes: ProbeResult | None = None, skipped: list[dict] | None = None) -> EvaluationResults:
+    """The weight-free suite for already generated sets; writes metrics.json and report.html. The config form
+    passes the real slices it has loaded, its notes, the drift probes it measured and what it skipped."""
 
     real_root, rounds, seed = suite.real, suite.rounds, suite.seed
-    if real_train is None:  # the config form has loaded it already
+    if real_train is None:
         real_train = load_real(real_root, "train", suite.size, suite.max_real)
     real_val = _validation(real_root, suite.size, suite.max_real)
     real_size = int(real_train.images.shape[1])
@@ -258,48 +268,50 @@ def evaluate_sets(suite: SuiteSettings, generated: dict[str, ImageSet], out: Pat
     train, val = measure(real_train, thresholds), measure(real_val, thresholds)
     measured = {name: measure(g, thresholds) for name, g in at_real.items()}
     full_size = {n: m for n, m in measured.items() if n not in native}
-    skipped: list = []
-    results = {
-        "settings": {"real": str(real_root), "size": real_size, "bootstrap": rounds,
-                     "seed": seed, "copy_ncc": suite.copy_ncc, "phase_thresholds": thresholds.tolist(),
-                     "sets": {n: len(g) for n, g in generated.items()}, "n_real_train": len(real_train),
-                     "n_real_validation": len(real_val), "scored_at_own_size": native},
-        "fidelity": fidelity(train, val, full_size, rounds, seed, skipped),
-        "classifier": classifier(train, val, full_size, skipped),
-        "memorisation": memorisation(_search_bank(real_root, real_train, suite.max_real), real_val, at_real,
-                                     suite.copy_ncc),
-        "consistency": consistency(train, measured) if real_train.known_classes() else {},
-    }
+    suite_skipped: list[dict] = []  # what the suite could not measure, before what the caller skipped
+    results = EvaluationResults(
+        settings={"real": str(real_root), "size": real_size, "bootstrap": rounds,
+                  "seed": seed, "copy_ncc": suite.copy_ncc, "phase_thresholds": thresholds.tolist(),
+                  "sets": {n: len(g) for n, g in generated.items()}, "n_real_train": len(real_train),
+                  "n_real_validation": len(real_val), "scored_at_own_size": native},
+        fidelity=fidelity(train, val, full_size, rounds, seed, suite_skipped),
+        classifier=classifier(train, val, full_size, suite_skipped),
+        memorisation=memorisation(_search_bank(real_root, real_train, suite.max_real), real_val, at_real,
+                                  suite.copy_ncc),
+        consistency=consistency(train, measured) if real_train.known_classes() else None,
+        skipped=suite_skipped, notes=list(notes or []), probes=probes)
     for side in sorted(set(native.values())):
         _score_at_own_size(side, {n: generated[n] for n, s in native.items() if s == side}, real_train, real_val,
-                           results, rounds, seed, skipped)
-    results.update(extra or {})
-    results["skipped"] = skipped + (extra or {}).get("skipped", [])
+                           results, rounds, seed)
+    results.skipped += skipped or []
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    (out / "metrics.json").write_text(json.dumps(results.to_json(), indent=2))
     write_report(out / "report.html", results, real_train, at_real)
     return results
 
 
 def _score_at_own_size(side: int, generated: dict[str, ImageSet], real_train: ImageSet, real_val: ImageSet,
-                       results: dict, rounds: int, seed: int, skipped: list) -> None:
+                       results: EvaluationResults, rounds: int, seed: int) -> None:
     """Fidelity and concept accuracy of models that generate side x side images, against the real slices resized
     down to that side, with the floor and the classifier's ceiling recomputed there. Upscaling the generated images
     instead would add interpolation artefacts that the spectrum and GLCM distances punish. Each model's entry
-    carries its own "size", "floor" (fidelity) or "ceiling_accuracy" (classifier)."""
+    carries its own size, floor (fidelity) or ceiling accuracy (classifier)."""
     train_s, val_s = resized(real_train, side), resized(real_val, side)
     thresholds = M.multi_otsu(train_s.images, 3)
     train, val = measure(train_s, thresholds), measure(val_s, thresholds)
     measured = {n: measure(g, thresholds) for n, g in generated.items()}
-    for cls, entry in fidelity(train, val, measured, rounds, seed, skipped).items():
-        target = results["fidelity"].setdefault(cls, {"n_real": entry["n_real"], "curves": {}, "models": {}})
-        for name, row in entry.get("models", {}).items():
-            target.setdefault("models", {})[name] = row | {"size": side, "floor": entry.get("floor", {})}
-            target.setdefault("curves", {})[f"{name} ({side} px)"] = entry["curves"][name]
-    clf = classifier(train, val, measured, skipped)
-    for name, row in clf.get("models", {}).items():
-        results["classifier"].setdefault("models", {})[name] = row | {
-            "size": side, "ceiling_accuracy": clf.get("ceiling_accuracy")}
+    for cls, entry in fidelity(train, val, measured, rounds, seed, results.skipped).items():
+        target = results.fidelity.setdefault(cls, ConceptFidelity(entry.n_real, {}))
+        for name, row in entry.models.items():
+            row.size, row.floor = side, entry.floor or {}
+            target.models[name] = row
+            target.curves[f"{name} ({side} px)"] = entry.curves[name]
+    clf = classifier(train, val, measured, results.skipped)
+    if clf is not None and results.classifier is None:
+        results.classifier = ClassifierResult(clf.classes)
+    for name, row in (clf.models if clf else {}).items():
+        row.size, row.ceiling_accuracy = side, clf.ceiling_accuracy
+        results.classifier.models[name] = row
 
 
 def _search_bank(real_root: Path, real_train: ImageSet, max_real) -> ImageSet:

@@ -20,6 +20,14 @@ from ldm_finetune.core.io import atomic_path, quantize
 from ldm_finetune.evaluation.imagesets import load_rgb
 from ldm_finetune.evaluation.metrics import load_set
 from ldm_finetune.evaluation.registry import METRICS, formatted, table
+from ldm_finetune.evaluation.results import (
+    ClassifierResult,
+    ConceptFidelity,
+    ConsistencyResult,
+    EvaluationResults,
+    MemorisationResult,
+    ProbeResult,
+)
 
 DISTANCES = [m.name for m in table("fidelity")]
 LABELS = {name: m.label for name, m in METRICS.items()}
@@ -72,37 +80,31 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def _floor(entry: dict, model: str) -> dict:
-    """The floor a model's distances are divided by: its own (scored at its own size) or the class's."""
-    return entry["models"][model].get("floor") or entry.get("floor", {})
-
-
-def _summary(results: dict) -> str:
-    fid = results.get("fidelity", {})
-    models = sorted({m for entry in fid.values() for m in entry.get("models", {})})
+def _summary(results: EvaluationResults) -> str:
+    fid = results.fidelity
+    models = sorted({m for entry in fid.values() for m in entry.models})
     if not models:
         return "<p>No fidelity numbers (see Skipped).</p>"
     rows = ["<tr><th>model</th>" + "".join(f"<th>{LABELS[d]} (× floor)</th>" for d in DISTANCES)
             + "<th>classifier acc.</th><th>innovation</th><th>near-copies</th></tr>"]
-    clf = results.get("classifier", {})
-    mem = results.get("memorisation", {})
+    clf, mem = results.classifier, results.memorisation
     for m in models:
         cells = []
         for d in DISTANCES:
-            ratios = [e["models"][m]["values"][d] / _floor(e, m)[d] for e in fid.values()
-                      if m in e.get("models", {}) and _floor(e, m).get(d)]
+            ratios = [e.models[m].values[d] / e.floor_of(m)[d] for e in fid.values()
+                      if m in e.models and e.floor_of(m).get(d)]
             value = np.mean(ratios) if ratios else None
             css = "" if value is None else ("good" if value < 2 else "bad" if value > 5 else "")
             cells.append(f'<td class="{css}">{"-" if value is None else f"{value:.2f}×"}</td>')
-        acc = clf.get("models", {}).get(m, {}).get("accuracy")
-        ceiling = clf.get("models", {}).get(m, {}).get("ceiling_accuracy", clf.get("ceiling_accuracy"))
-        acc_text = "-" if acc is None else f"{acc:.0%}" + (f" (ceiling {ceiling:.0%})" if ceiling is not None else "")
-        mm = mem.get("models", {}).get(m, {})
-        innov = mm.get("innovation")
-        val = mem.get("validation_innovation")
-        innov_text = "-" if innov is None else f"{innov:.3f}" + (f" (validation {val:.3f})" if val else "")
-        copies = mm.get("near_copy_rate")
-        side = results.get("settings", {}).get("scored_at_own_size", {}).get(m)
+        acc_text = "-"
+        if clf is not None and m in clf.models:
+            ceiling = clf.ceiling_of(m)
+            acc_text = f"{clf.models[m].accuracy:.0%}" + (f" (ceiling {ceiling:.0%})" if ceiling is not None else "")
+        mm = mem.models.get(m)
+        val = mem.validation_innovation
+        innov_text = "-" if mm is None else f"{mm.innovation:.3f}" + (f" (validation {val:.3f})" if val else "")
+        copies = None if mm is None else mm.near_copy_rate
+        side = results.settings["scored_at_own_size"].get(m)
         label = html.escape(m) + (f" ({side} px)" if side else "")
         rows.append(f"<tr><td>{label}</td>{''.join(cells)}<td>{acc_text}</td><td>{innov_text}</td>"
                     f"<td>{'-' if copies is None else f'{copies:.0%}'}</td></tr>")
@@ -118,7 +120,7 @@ def _summary(results: dict) -> str:
             "itself).</p>")
 
 
-def _concept(name: str, entry: dict, real, generated: dict) -> str:
+def _concept(name: str, entry: ConceptFidelity, real, generated: dict) -> str:
     cls = None if name == "all" else name
     parts = [f"<h3>{html.escape(name)}</h3>", f'<div class="row"><span class="label">real (training)</span>'
              f"{_strip(real.of_class(cls).images)}</div>"]
@@ -128,23 +130,23 @@ def _concept(name: str, entry: dict, real, generated: dict) -> str:
     keys = DISTANCES + [m.name for m in table("coverage")]
     head = "<tr><th>set</th>" + "".join(f"<th>{LABELS[k]}</th>" for k in keys) + "</tr>"
     rows = [head]
-    if "floor" in entry:
-        rows.append("<tr><td>floor: validation vs train</td>" + "".join(f"<td>{_fmt(entry['floor'].get(k))}</td>"
+    if entry.floor is not None:
+        rows.append("<tr><td>floor: validation vs train</td>" + "".join(f"<td>{_fmt(entry.floor.get(k))}</td>"
                                                                        for k in keys) + "</tr>")
-    for side in sorted({r["size"] for r in entry.get("models", {}).values() if "size" in r}):
-        floor = next(r["floor"] for r in entry["models"].values() if r.get("size") == side)
+    for side in sorted({r.size for r in entry.models.values() if r.size is not None}):
+        floor = next(r.floor for r in entry.models.values() if r.size == side)
         rows.append(f"<tr><td>floor at {side} px</td>" + "".join(f"<td>{_fmt(floor.get(k))}</td>" for k in keys)
                     + "</tr>")
-    for m, r in entry.get("models", {}).items():
+    for m, r in entry.models.items():
         cells = []
         for k in keys:
-            ci = r.get("ci", {}).get(k)
-            cells.append(f"<td>{_fmt(r['values'][k])}" + (f"<br><small>[{ci[0]:.3g}, {ci[1]:.3g}]</small>" if ci
-                                                          else "") + "</td>")
-        at = f", at {r['size']} px" if "size" in r else ""
-        rows.append(f"<tr><td>{html.escape(m)} (n={r['n']}{at})</td>{''.join(cells)}</tr>")
+            ci = r.ci.get(k)
+            cells.append(f"<td>{_fmt(r.values[k])}" + (f"<br><small>[{ci[0]:.3g}, {ci[1]:.3g}]</small>" if ci
+                                                       else "") + "</td>")
+        at = f", at {r.size} px" if r.size is not None else ""
+        rows.append(f"<tr><td>{html.escape(m)} (n={r.n}{at})</td>{''.join(cells)}</tr>")
     parts.append("<table>" + "".join(rows) + "</table>")
-    parts.append(_curves(entry.get("curves", {})))
+    parts.append(_curves(entry.curves))
     return "".join(parts)
 
 
@@ -164,75 +166,74 @@ def _curves(curves: dict) -> str:
                  panel("s2_bright_x", "two-point correlation", "lag along x (px)", "S2 (brightest phase)"))
 
 
-def _classifier(clf: dict) -> str:
-    if not clf.get("models"):
+def _classifier(clf: ClassifierResult | None) -> str:
+    if clf is None or not clf.models:
         return "<p>No classified generated sets.</p>"
-    parts = [f"<p>Ceiling (real validation slices): {clf.get('ceiling_accuracy', float('nan')):.0%}</p>"]
-    for m, r in clf["models"].items():
-        head = "<tr><th>true \\ predicted</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in clf["classes"])
+    ceiling = float("nan") if clf.ceiling_accuracy is None else clf.ceiling_accuracy
+    parts = [f"<p>Ceiling (real validation slices): {ceiling:.0%}</p>"]
+    for m, r in clf.models.items():
+        head = "<tr><th>true \\ predicted</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in clf.classes)
         rows = [f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
-                for c, row in zip(clf["classes"], r["confusion"]) if sum(row)]
-        parts.append(f"<h4>{html.escape(m)}: accuracy {r['accuracy']:.0%}</h4><table>{head}</tr>{''.join(rows)}"
+                for c, row in zip(clf.classes, r.confusion) if sum(row)]
+        parts.append(f"<h4>{html.escape(m)}: accuracy {r.accuracy:.0%}</h4><table>{head}</tr>{''.join(rows)}"
                      "</table>")
     return "".join(parts)
 
 
-def _memorisation(mem: dict) -> str:
-    parts = []
-    if "copy_threshold" in mem:
-        ref = mem.get("validation_ncc_p99")
-        parts.append(f"<p>A slice is a near-copy when its best shift-tolerant normalised cross-correlation with a "
-                     f"training slice reaches {mem['copy_threshold']:.3f}"
-                     + (f" (the 99th percentile of real validation slices, {ref:.3f}: the weave is periodic, so new "
-                        "slices can correlate highly too)" if ref is not None else "") + ".</p>")
-    for m, r in mem.get("models", {}).items():
-        parts.append(f"<h4>{html.escape(m)}: {len(r['near_copies'])} near-copies "
-                     f"({r['near_copy_rate']:.0%}), innovation {r['innovation']:.3f}</h4>")
-        for flag in r["near_copies"][:6]:
+def _memorisation(mem: MemorisationResult) -> str:
+    ref = mem.validation_ncc_p99
+    parts = [f"<p>A slice is a near-copy when its best shift-tolerant normalised cross-correlation with a "
+             f"training slice reaches {mem.copy_threshold:.3f}"
+             + (f" (the 99th percentile of real validation slices, {ref:.3f}: the weave is periodic, so new "
+                "slices can correlate highly too)" if ref is not None else "") + ".</p>"]
+    for m, r in mem.models.items():
+        parts.append(f"<h4>{html.escape(m)}: {len(r.near_copies)} near-copies "
+                     f"({r.near_copy_rate:.0%}), innovation {r.innovation:.3f}</h4>")
+        for flag in r.near_copies[:6]:
             try:
-                pair = load_set([flag["generated"], flag["training"]], size=96)
-                parts.append(f'<div class="row">{_png(pair[0])} {_png(pair[1])} NCC {flag["ncc"]:.3f}: '
-                             f'{html.escape(Path(flag["generated"]).name)} ≈ {html.escape(Path(flag["training"]).name)}'
+                pair = load_set([flag.generated, flag.training], size=96)
+                parts.append(f'<div class="row">{_png(pair[0])} {_png(pair[1])} NCC {flag.ncc:.3f}: '
+                             f'{html.escape(Path(flag.generated).name)} ≈ {html.escape(Path(flag.training).name)}'
                              "</div>")
             except Exception:  # the files may have moved since metrics.json was written
                 parts.append(f"<div>{html.escape(str(flag))}</div>")
     return "".join(parts) or "<p>Nothing to report.</p>"
 
 
-def _consistency(cons: dict) -> str:
-    if not cons:
+def _consistency(cons: ConsistencyResult | None) -> str:
+    if cons is None:
         return "<p>Needs real images with state / orientation classes.</p>"
     rows = ["<tr><th>set</th><th>state</th><th>largest difference between cuts, per phase (dark, mid, bright)</th>"
             "</tr>"]
-    for label, data in [("real", cons["real"])] + list(cons.get("models", {}).items()):
-        for state, spread in data.get("cut_spread", {}).items():
+    for label, data in [("real", cons.real)] + list(cons.models.items()):
+        for state, spread in data.cut_spread.items():
             rows.append(f"<tr><td>{html.escape(label)}</td><td>{html.escape(state)}</td>"
                         f"<td>{', '.join(f'{v:.3f}' for v in spread)}</td></tr>")
     out = "<table>" + "".join(rows) + "</table>"
-    for m, data in cons.get("models", {}).items():
-        items = "".join(f'<li class="{"good" if o["holds"] else "bad"}">{html.escape(o["phase"])}: '
-                        f'{html.escape(o["order"])} — {"holds" if o["holds"] else "violated"}</li>'
-                        for o in data["orderings"])
+    for m, data in cons.models.items():
+        items = "".join(f'<li class="{"good" if o.holds else "bad"}">{html.escape(o.phase)}: '
+                        f'{html.escape(o.order)} — {"holds" if o.holds else "violated"}</li>'
+                        for o in data.orderings or [])
         out += f"<h4>{html.escape(m)}: orderings seen in the real data</h4><ul>{items}</ul>"
     return out
 
 
-def _probes(probes: dict) -> str:
-    if not probes:
+def _probes(probes: ProbeResult | None) -> str:
+    if probes is None:
         return "<p>No probes were run (they need a base model and a fine-tuned one: see the config form).</p>"
     probe = table("probe")
-    side = f", at {probes['side']} px" if "side" in probes else ""
-    parts = [f"<p>Base model: {html.escape(probes['base'])}; same prompts, seeds, sampler and steps{side} (the "
+    side = f", at {probes.side} px" if probes.side is not None else ""
+    parts = [f"<p>Base model: {html.escape(probes.base)}; same prompts, seeds, sampler and steps{side} (the "
              "model's own size unless <code>sampler.probe_resolution</code> says otherwise).</p>"]
-    for m, r in probes["models"].items():
+    for m, r in probes.models.items():
         parts.append(f"<h4>{html.escape(m)}</h4><table><tr><th>prompt</th>"
                      + "".join(f"<th>{p.label}</th>" for p in probe) + "</tr>")
-        for prompt, v in r["prompts"].items():
-            role = " <em>(DreamBooth class prompt)</em>" if prompt in r.get("class_prompts", []) else ""
+        for prompt, v in r.prompts.items():
+            role = " <em>(DreamBooth class prompt)</em>" if prompt in r.class_prompts else ""
             parts.append(f"<tr><td>{html.escape(prompt)}{role}</td>"
                          + "".join(f"<td>{formatted(p.name, v.get(p.name))}</td>" for p in probe) + "</tr>")
         parts.append("</table>")
-        for prompt, files in r.get("grids", {}).items():
+        for prompt, files in r.grids.items():
             images = "<br>".join(" ".join(_png(load_rgb(f)) for f in files[side]) for side in ("base", "tuned"))
             parts.append(f'<div class="row"><span class="label">{html.escape(prompt)}<br>base / {html.escape(m)}'
                          f'</span>{images}</div>')
@@ -247,22 +248,22 @@ def _legend(metrics) -> str:
     return f"<ul class='legend'>{items}</ul>"
 
 
-def write_report(path: Path, results: dict, real, generated: dict) -> Path:
-    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in results.get("notes", []))
-    s = results["settings"]
+def write_report(path: Path, results: EvaluationResults, real, generated: dict) -> Path:
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in results.notes)
+    s = results.settings
     body = [f"<h1>Evaluation report</h1>{notes}",
             f"<p>Real: {html.escape(s['real'])} ({s['n_real_train']} training, {s['n_real_validation']} validation "
             f"slices) at {s['size']} px; generated sets: "
             + ", ".join(f"{html.escape(k)} ({v})" for k, v in s["sets"].items()) + ".</p>",
             "<h2>Summary</h2>", _summary(results), _legend(table("fidelity") + table("coverage")),
             "<h2>Per concept</h2>"]
-    body += [_concept(name, entry, real, generated) for name, entry in results.get("fidelity", {}).items()]
-    body += ["<h2>Concept classifier (weight-free)</h2>", _classifier(results.get("classifier", {})),
-             "<h2>Memorisation</h2>", _memorisation(results.get("memorisation", {})),
-             "<h2>3D consistency</h2>", _consistency(results.get("consistency", {})),
-             "<h2>Prompt-drift probes</h2>", _probes(results.get("probes", {})),
+    body += [_concept(name, entry, real, generated) for name, entry in results.fidelity.items()]
+    body += ["<h2>Concept classifier (weight-free)</h2>", _classifier(results.classifier),
+             "<h2>Memorisation</h2>", _memorisation(results.memorisation),
+             "<h2>3D consistency</h2>", _consistency(results.consistency),
+             "<h2>Prompt-drift probes</h2>", _probes(results.probes),
              "<h2>Skipped</h2><ul>" + "".join(f"<li>{html.escape(x['what'])}: {html.escape(x['reason'])}</li>"
-                                              for x in results.get("skipped", [])) + "</ul>"]
+                                              for x in results.skipped) + "</ul>"]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>ldm_finetune evaluation</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
 
