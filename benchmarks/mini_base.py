@@ -116,7 +116,7 @@ def main() -> None:
             base = work / "base"
             build_mini_base(MiniBaseSettings(), base)
         info = json.loads((base / "mini_base.json").read_text())
-        settings = MiniBaseSettings(**{k: v for k, v in info["settings"].items() if k != "arch"})
+        settings = MiniBaseSettings(**{k: v for k, v in info["settings"].items() if k not in ("arch", "noise")})
         data = phantom_slices(work, args.resolution)
         train, val = load_grey(data / "train"), load_grey(data / "validation")
         started = time.time()

@@ -21,6 +21,7 @@ from ldm_finetune.demo_settings import DemoSettings
 from ldm_finetune.generation.settings import TILE_BLENDS, GenerateSettings, SampleSettings
 from ldm_finetune.core.configtools import from_dict, load_yaml, to_dict
 from ldm_finetune.core.errors import UserError, run_guarded
+from ldm_finetune.training.mini_base_settings import MiniBaseSettings
 
 # Each subcommand imports its own layer when it runs, not here: importing the training stack (torch, diffusers,
 # transformers, peft) takes ~10 s on a 2-core machine, and `ldm-finetune --help` or `prep` should not wait for it.
@@ -145,7 +146,7 @@ def _mini_base(args: argparse.Namespace) -> None:
     if not args.rebuild:
         shutil.copytree(mb.shipped_mini_base(), args.out, dirs_exist_ok=True)
     else:
-        settings = mb.MiniBaseSettings(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps)
+        settings = MiniBaseSettings(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps)
         if args.no_cache:
             mb.build_mini_base(settings, args.out)
         else:
@@ -317,9 +318,9 @@ def _mini_base_command(command) -> None:
     p.add_argument("out", type=Path, metavar="OUT", help="folder for the diffusers pipeline")
     p.add_argument("--rebuild", action="store_true",
                    help="pretrain from scratch instead of unpacking the shipped weights (~1.5 h on 2 cores)")
-    p.add_argument("--seed", type=int, default=0, help="--rebuild: build seed")
-    p.add_argument("--vae-steps", type=int, default=1500, help="--rebuild: VAE training steps")
-    p.add_argument("--steps", type=int, default=2500, help="--rebuild: UNet + text encoder training steps")
+    setting(p, "--seed", MiniBaseSettings, "--rebuild: build seed")
+    setting(p, "--vae-steps", MiniBaseSettings, "--rebuild: VAE training steps")
+    setting(p, "--steps", MiniBaseSettings, "--rebuild: UNet + text encoder training steps")
     p.add_argument("--no-cache", action="store_true", help="--rebuild: build into OUT directly, not the cache")
     p.add_argument("--pack", type=Path, metavar="DIR", help="also write the shipped form (fp16) to DIR")
     p.set_defaults(func=_mini_base)

@@ -124,5 +124,6 @@ def test_the_cache_key_covers_every_module_the_build_runs():
 
     files = {str(p.relative_to(PACKAGE)) for p in build_code()}
     assert {"training/mini_base.py", "training/fit.py", "training/loop.py", "training/config.py", "data/world.py",
-            "models/mini_base.py", "models/tokenizer.py", "models/world_probe.py"} <= files
+            "models/mini_base.py", "models/tokenizer.py", "models/world_probe.py", "models/noise.py",
+            "data/caches.py"} <= files
     assert not any(f.startswith(("evaluation/", "generation/")) for f in files)  # what the build never runs

@@ -113,6 +113,30 @@ def test_every_task_trains_through_the_one_objective_with_its_noise_options(reci
     assert (seen[0].offset, seen[0].input_perturbation, seen[0].min_snr_gamma) == (0.5, 0.1, 5.0)
 
 
+def test_the_mini_base_trains_through_the_same_objective(tmp_path, monkeypatch):
+    """The mini base's text-to-image phase takes the recipes' noise options (MiniBaseSettings.noise) to the same
+    objective."""
+    from accelerate import Accelerator
+
+    from ldm_finetune.models.mini_base import MiniArchitecture, build_vae
+    from ldm_finetune.models.noise import DiffusionObjective
+    from ldm_finetune.training.config import NoiseConfig
+    from ldm_finetune.training.mini_base import MiniBaseSettings, TextToImageTask
+
+    seen = []
+    real = DiffusionObjective.noised
+    monkeypatch.setattr(DiffusionObjective, "noised", lambda self, x0: seen.append(self) or real(self, x0))
+    build_vae(MiniArchitecture()).save_pretrained(tmp_path / "vae")
+    settings = MiniBaseSettings(world_images=4, noise=NoiseConfig(offset=0.5, input_perturbation=0.1,
+                                                                  min_snr_gamma=5.0))
+    task = TextToImageTask(settings, tmp_path / "vae", tmp_path / "tokenizer")
+    task.build(Accelerator(cpu=True))
+    task.use_prepared(task.trained_models())
+    assert torch.isfinite(task.loss({"index": torch.tensor([0, 1])}))
+    assert len(seen) == 1 and seen[0] is task.objective
+    assert (seen[0].offset, seen[0].input_perturbation, seen[0].min_snr_gamma) == (0.5, 0.1, 5.0)
+
+
 def test_dreambooth_priors_wrap_the_objective():
     from ldm_finetune.training.config import DreamBoothConfig
     from ldm_finetune.training.dreambooth import BaseModelPrior, ClassImagePrior, InstanceLoss, make_prior

@@ -3,7 +3,8 @@
 Two tasks, each one `fit` run with its own small config:
 1. `VaeTask`: the AutoencoderKL on world images and generic procedural textures (never CT), L1 + L2 + a tiny KL;
 2. `TextToImageTask`: UNet and CLIP text encoder together on VAE latents of world images (cached posterior moments,
-   10 % of captions dropped so classifier-free guidance works), SD's epsilon objective and noise schedule.
+   10 % of captions dropped so classifier-free guidance works), trained with the recipes' DiffusionObjective
+   (models/noise.py) on SD's epsilon schedule.
 Then the world probe is trained and the base's own generations are scored on the world prompts. The result is a
 diffusers StableDiffusionPipeline folder (safetensors) that every recipe loads as `model.pretrained`.
 
@@ -20,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import diffusers
@@ -34,6 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm_finetune.core.configtools import to_dict
 from ldm_finetune.core.io import atomic_dir
+from ldm_finetune.data.caches import sample_latents, tokenize
 from ldm_finetune.data.world import (
     CLASS_PROMPTS,
     IDENTIFIERS,
@@ -45,18 +47,19 @@ from ldm_finetune.data.world import (
 )
 from ldm_finetune.models.mini_base import (
     CONTEXT_TOKENS,
-    MiniArchitecture,
     build_text_encoder,
     build_unet,
     build_vae,
     inference_scheduler,
     texture_fields,
 )
+from ldm_finetune.models.noise import DiffusionObjective
 from ldm_finetune.models.stable_diffusion import SD_SCHEDULE, sd_pipeline
 from ldm_finetune.models.tokenizer import write_word_tokenizer
 from ldm_finetune.models.world_probe import WorldProbe, train_probe
 from ldm_finetune.training.config import LoggingConfig, RunSettings, TrainConfig
 from ldm_finetune.training.fit import fit
+from ldm_finetune.training.mini_base_settings import MiniBaseSettings
 from ldm_finetune.training.task import Task
 
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -83,26 +86,6 @@ def build_code() -> list[Path]:
                 module = PACKAGE.parent.joinpath(*name.split("."))
                 todo += [p for p in (module.with_suffix(".py"), module / "__init__.py") if p.is_file()]
     return sorted(seen)
-
-
-@dataclass
-class MiniBaseSettings:
-    seed: int = 0
-    vae_steps: int = 1500
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
-    # share of world images in the VAE's data (the rest: generic grey textures); the world's colours need most of it
-    vae_world_share: float = 0.67
-    steps: int = 2500  # text-to-image steps
-    batch: int = 64
-    lr: float = 1e-3
-    world_images: int = 8192  # distinct world images the text-to-image phase sees
-    caption_dropout: float = 0.1
-    # 800 read 97.5 % of fresh world images right once class-noun captions came in; 1200: 99.6 %
-    probe_steps: int = 1200
-    eval_seeds: int = 2  # generations per world prompt when scoring the base
-    guidance: float = 4.0
-    arch: MiniArchitecture = field(default_factory=MiniArchitecture)
 
 
 # --- each phase's run settings (what fit reads) ---------------------------------------------------------------------
@@ -189,7 +172,8 @@ class TextToImageTask(Task):
     def __init__(self, settings: MiniBaseSettings, vae_dir: Path, tokenizer_dir: Path):
         self.settings, self.vae_dir, self.tokenizer_dir = settings, vae_dir, tokenizer_dir
         schedule = {k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}  # a DDIM-only key
-        self.noise_scheduler = DDPMScheduler(prediction_type="epsilon", **schedule)
+        self.objective = DiffusionObjective.from_config(settings.noise,
+                                                        DDPMScheduler(prediction_type="epsilon", **schedule))
 
     def build(self, accelerator):
         s = self.settings
@@ -204,16 +188,12 @@ class TextToImageTask(Task):
                                       for i in range(0, len(x), 256)])  # (N, 8, 8, 8): mean and log-variance
         # SD's convention: latents scaled to unit variance (SD 1.x/2.x use 0.18215 for their VAE)
         self.vae.register_to_config(scaling_factor=float(1.0 / self.moments.chunk(2, dim=1)[0].std()))
-        self.ids = self.tokenize([it.caption for it in items])
-        self.empty = self.tokenize([""])[0]
+        self.ids = tokenize(self.tokenizer, [it.caption for it in items])
+        self.empty = tokenize(self.tokenizer, [""])[0]
         torch.manual_seed(s.seed)
         self.text_encoder = build_text_encoder(s.arch, self.tokenizer).to(accelerator.device)
         self.unet = build_unet(s.arch).to(accelerator.device)
         return CaptionedLatents(s.world_images)
-
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
 
     def parameter_groups(self) -> list[dict]:
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
@@ -227,20 +207,12 @@ class TextToImageTask(Task):
 
     def loss(self, batch: dict):
         index = batch["index"]
-        # Not yet the recipes' DiffusionObjective and data.caches.sample_latents: measured on a 20+20-step build,
-        # either changes the weights' bits (randn_like here draws noise in the VAE latents' channels-last layout,
-        # the objective in contiguous order; diffusers' posterior clamps the log-variance), so the shipped base
-        # would no longer rebuild bit for bit. They come in with its next rebuild, which takes ~95 min on 2 cores
-        # (the text-to-image phase alone ~50 min) and the benchmarks recorded on the base re-run.
-        mean, logvar = self.moments[index].chunk(2, dim=1)
-        latents = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * self.vae.config.scaling_factor
+        latents = sample_latents(self.moments[index], self.vae.config.scaling_factor)
         ids = self.ids[index].clone()
         ids[torch.rand(len(ids)) < self.settings.caption_dropout] = self.empty  # for classifier-free guidance
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),))
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        model_pred = self.model(noisy_latents, timesteps, self.encoder(ids)[0]).sample
-        return F.mse_loss(model_pred, noise)
+        noised = self.objective.noised(latents)
+        model_pred = self.model(noised.x_t, noised.timesteps, self.encoder(ids)[0]).sample
+        return self.objective.loss(model_pred, noised).mean()
 
     def pipeline(self):
         unwrap = self.accelerator.unwrap_model
