@@ -5,6 +5,11 @@ architecture and noise sections are made by their own (heavier) modules when a s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the annotations only: importing them here would load torch
+    from ldm_finetune.models.mini_base import MiniArchitecture
+    from ldm_finetune.training.config import NoiseConfig
 
 
 def _architecture():
