@@ -18,7 +18,7 @@ import yaml
 from data_prep.config import CaptionConfig, PrepConfig, SplitConfig
 from ldm_finetune.arguments import DefaultsFormatter, add_train_arguments, parse_with_overrides, setting
 from ldm_finetune.demo_settings import DemoSettings
-from ldm_finetune.generation.settings import TILE_BLENDS, GenerateSettings, SampleSettings
+from ldm_finetune.generation.settings import GenerateSettings, SampleSettings
 from ldm_finetune.core.configtools import from_dict, load_yaml, to_dict
 from ldm_finetune.core.errors import UserError, run_guarded
 from ldm_finetune.training.mini_base_settings import MiniBaseSettings
@@ -183,7 +183,7 @@ def _generate(args: argparse.Namespace) -> None:
         negative_prompt=args.negative_prompt, scheduler=args.scheduler, height=args.height, width=args.width,
         grayscale=args.grayscale, loras=[parse_lora_arg(x) for x in args.lora or []], embeddings=args.embedding or [],
         format=args.format, window=parse_window(args.window) if args.window else None, tile=args.tile,
-        tile_overlap=args.tile_overlap, tile_blend=args.tile_blend, seamless=args.seamless)
+        tile_overlap=args.tile_overlap, seamless=args.seamless)
     if args.dataset is None and args.out is None:
         raise UserError("generate: pass --out DIR (images) or --dataset DIR (a synthetic dataset)")
     if args.dataset is None and not args.prompt:
@@ -372,9 +372,6 @@ def _generate_command(command) -> None:
                    "native size)")
     setting(p, "--tile-overlap", GenerateSettings, "share of a tile its neighbour also covers (0 shows seams)",
             metavar="F")
-    setting(p, "--tile-blend", GenerateSettings, "mean: overlapping tiles averaged (MultiDiffusion); shift: "
-            "side-by-side tiles moved at every step, which keeps the texture's contrast (--tile-overlap unused); "
-            "rescale: mean, with the prediction's spread restored to the tiles' own", choices=list(TILE_BLENDS))
     p.add_argument("--seamless", action="store_true",
                    help="periodic images that tile with themselves, like the weave (circular padding, wrapping tiles)")
     p.add_argument("--grayscale", action="store_true", help="save single-channel PNGs (CT slices are grey)")

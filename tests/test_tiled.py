@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.evaluation.metrics import seam_score
 from ldm_finetune.generation.generate import GenerateSettings, generate, load_pipeline
-from ldm_finetune.generation.tiled import (Tiling, plan_tiling, shifted_windows, starts, tile_joins, tiled, windows,
-                                           with_spread)
+from ldm_finetune.generation.tiled import Tiling, plan_tiling, starts, tile_joins, tiled, windows
 from ldm_finetune.models.stable_diffusion import render
 from ldm_finetune.training.mini_base import shipped_mini_base
 
@@ -36,24 +34,6 @@ def test_tiles_cover_the_canvas_and_wrap_only_when_seamless():
     assert covered.min() == covered.max() == 4  # every latent pixel under the same number of tiles
 
 
-def test_shifted_tiles_cover_the_canvas_and_move_at_every_call():
-    """The shift blend: side-by-side tiles (each latent pixel under one tile, but within a tile of the edge, where
-    the clamped edge tiles overlap their neighbours), on a grid that moves between calls; seamless grids wrap round
-    the edges and cover every pixel exactly once."""
-    for seamless in (False, True):
-        tiling = Tiling(32, 32, seamless=seamless, blend="shift")
-        grids = set()
-        for call in range(4):
-            covered = np.zeros((32, 64), int)
-            tiles = shifted_windows(32, 64, tiling, 4, call)
-            for rows, columns in tiles:
-                covered[rows[:, None].numpy(), columns.numpy()] += 1
-            assert covered.min() >= 1 and (covered[8:-8, 8:-8] == 1).all()
-            assert covered.max() == 1 if seamless else covered.max() <= 4
-            grids.add(tuple((int(r[0]), int(c[0])) for r, c in tiles))
-        assert len(grids) == 4  # the joins move at every call
-
-
 def test_one_tile_is_the_plain_pipeline(mini):
     plain = render(mini, PROMPTS[:1], [0], 8, 4.0, height=32, width=32)[0][0]
     with tiled(mini, Tiling(32, 32), 32, 32):
@@ -63,35 +43,18 @@ def test_one_tile_is_the_plain_pipeline(mini):
 
 
 def test_overlapping_tiles_hide_the_seams_that_side_by_side_tiles_show(mini, tmp_path):
-    """256 x 64 from a 32 px model, scored where side-by-side tiles meet: blending overlapping tiles removes at least
-    30 % of the side-by-side tiles' excess over a seamless 1.0. Issue 22's absolute goal (<= 1.10) is measured in
-    benchmarks/tiled_generation.py; the mini base shipped 2026-12-03, alone at 8 steps, gives 1.25 against 1.46."""
+    """256 x 64 from a 32 px model, scored where side-by-side tiles meet: the default blend (Hann-weighted tiles,
+    overlap 0.75) removes at least half of the side-by-side tiles' excess over a seamless 1.0. Issue 22's absolute
+    goal (<= 1.10, with a CT LoRA and 20 steps) is measured in benchmarks/tiled_generation.py."""
     scores = {}
-    for overlap in (0.5, 0.0):
-        settings = GenerateSettings(PROMPTS, n=3, steps=8, guidance=4.0, height=64, width=256, tile_overlap=overlap)
-        generate("mini", settings, tmp_path / str(overlap), pipe=mini)
+    for name, flags in (("default", {}), ("side by side", {"tile_overlap": 0.0})):
+        settings = GenerateSettings(PROMPTS, n=3, steps=8, guidance=4.0, height=64, width=256, **flags)
+        generate("mini", settings, tmp_path / name, pipe=mini)
         rows, columns = tile_joins(64, 256, Tiling(32, 32, 0.0), 4)
-        images = [np.asarray(_load(p)) for p in sorted((tmp_path / str(overlap)).glob("*.png"))]
+        images = [np.asarray(_load(p)) for p in sorted((tmp_path / name).glob("*.png"))]
         assert len(images) == 6 and images[0].shape == (64, 256, 3)
-        scores[overlap] = np.mean([seam_score(i, rows, columns) for i in images])
-    assert scores[0.0] > 1.10 and scores[0.5] - 1 < 0.7 * (scores[0.0] - 1), scores
-
-
-def test_the_rescale_blend_restores_the_tiles_spread(mini):
-    """Averaging two disagreeing tiles halves the spread where they overlap; the rescale blend gives each image
-    and channel back the tiles' own std, about its own mean, and leaves one-tile canvases alone."""
-    torch.manual_seed(0)
-    prediction = torch.randn(2, 4, 8, 16)
-    target = torch.tensor([[1.0, 2.0, 0.5, 1.5], [0.7, 0.7, 0.7, 0.7]])
-    out = with_spread(prediction, target)
-    assert torch.allclose(out.std(dim=(2, 3)), target, atol=1e-5)
-    assert torch.allclose(out.mean(dim=(2, 3)), prediction.mean(dim=(2, 3)), atol=1e-5)
-    assert torch.allclose(with_spread(prediction, prediction.std(dim=(2, 3))), prediction, atol=1e-5)
-    images = {}
-    for blend in ("mean", "rescale"):
-        with tiled(mini, Tiling(32, 32, blend=blend), 32, 64):
-            images[blend] = render(mini, PROMPTS[:1], [0], 8, 4.0, height=32, width=64)[0][0]
-    assert images["rescale"].shape == (32, 64, 3) and np.abs(images["rescale"] - images["mean"]).max() > 0.01
+        scores[name] = np.mean([seam_score(i, rows, columns) for i in images])
+    assert scores["side by side"] > 1.10 and scores["default"] - 1 < 0.5 * (scores["side by side"] - 1), scores
 
 
 def test_seamless_images_wrap(mini):
@@ -99,7 +62,7 @@ def test_seamless_images_wrap(mini):
     for height, width in ((32, 32), (32, 128)):
         scores = {}
         for seamless in (True, False):
-            tiling = plan_tiling(mini, height, width, None, 0.5, seamless) or Tiling(32, 32)
+            tiling = plan_tiling(mini, height, width, None, 0.75, seamless) or Tiling(32, 32)
             with tiled(mini, tiling, height, width):
                 rows = render(mini, PROMPTS, [0, 1, 2], 8, 4.0, height=height, width=width)
             images = [i for row in rows for i in row]
@@ -118,7 +81,6 @@ def _load(path):
     ({"height": 64, "width": 256, "tile": 96}, "larger than the output"),
     ({"height": 64, "width": 256, "tile": 36}, "multiple of 8"),
     ({"height": 64, "width": 256, "tile_overlap": 1.0}, "below 1"),
-    ({"height": 64, "width": 256, "tile_blend": "max"}, "choose mean or shift or rescale"),
 ])
 def test_bad_sizes_are_one_line_and_write_nothing(mini, tmp_path, kwargs, message):
     with pytest.raises(UserError, match=message) as error:

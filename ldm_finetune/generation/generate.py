@@ -166,7 +166,7 @@ def prepared_pipeline(model: str, settings: GenerateSettings, pipe=None):
     if pipe is None:
         pipe = load_pipeline(model)
     tiling = plan_tiling(pipe, settings.height, settings.width, settings.tile, settings.tile_overlap,
-                         settings.seamless, settings.tile_blend)
+                         settings.seamless)
     set_scheduler(pipe, settings.scheduler)
     apply_embeddings(pipe, settings.embeddings)
     apply_loras(pipe, settings.loras)

@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TILE_BLENDS = ("mean", "shift", "rescale")  # how tiles' predictions become one (generation/tiled.py)
-
 
 @dataclass
 class GenerateSettings:
@@ -26,8 +24,7 @@ class GenerateSettings:
     format: str = "png"  # png (8-bit RGB, or grey with grayscale) | tiff (scanner grey levels, see scanner.py)
     window: tuple[float, float] | None = None  # tiff: the scanner window (default: the one the run recorded)
     tile: int | None = None  # MultiDiffusion tile side in px (default: the model's native size, when larger)
-    tile_overlap: float = 0.5  # share of a tile its neighbour also covers
-    tile_blend: str = "mean"  # mean (MultiDiffusion), shift (side-by-side tiles moved at every step) or rescale
+    tile_overlap: float = 0.75  # share of a tile its neighbour also covers (0.5: half the UNet calls, joins show)
     seamless: bool = False  # periodic slices: the image tiles with itself
 
 
