@@ -79,7 +79,7 @@ def starts(size: int, tile: int, stride: int, wrap: bool) -> list[int]:
 
 
 def hann(n: int) -> torch.Tensor:
-    """Weights along a tile: sin^2 of the pixel centres' position, small at the edges and 1 at the centre; never
+    """Weights along a tile: sin^2 of the pixel centres' position, small at the edges and largest at the centre; never
     zero, so a pixel only one tile covers keeps that tile's prediction. At 50 % overlap neighbours' weights sum to
     one. Against a linear tent (benchmarks/README.md) it gives the pixels next to an edge far less weight (0.04 and
     0.31 of the centre's, against 0.14 and 0.43, for an 8-pixel tile), and the joins stop showing."""
