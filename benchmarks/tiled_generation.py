@@ -96,7 +96,7 @@ def seams(base: Path, lora: Path, seeds: list[int], names: list[str]) -> dict:
     return out
 
 
-# the crops' variants: how the tiles are blended, and whether the VAE decodes the field whole or in its own tiles
+# the crops' variants: how much the tiles overlap, and whether the VAE decodes the field whole or in its own tiles
 CROP_VARIANTS = {"overlap_0.75": {}, "overlap_0.5": {"tile_overlap": 0.5}, "side_by_side": {"tile_overlap": 0.0},
                  "overlap_0.75_vae_whole": {"vae_whole": True}}
 
@@ -208,7 +208,7 @@ def main() -> None:
                         help="measure only these; the other parts' recorded results are kept")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--variants", nargs="+", choices=sorted(set(SEAM_VARIANTS) | set(CROP_VARIANTS)),
-                        help="only these blends in the seams and crops parts (merged into what is recorded)")
+                        help="only these variants in the seams and crops parts (merged into what is recorded)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = shipped_mini_base()

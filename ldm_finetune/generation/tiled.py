@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ldm_finetune.core.errors import UserError
+from ldm_finetune.generation.settings import GenerateSettings
 from ldm_finetune.models.stable_diffusion import native_side
 
 TILE_SAMPLES = 16  # tile samples per UNet call (tiles x images x 2 for guidance): bounds memory; batching is what
@@ -41,7 +42,7 @@ TILE_SAMPLES = 16  # tile samples per UNet call (tiles x images x 2 for guidance
 class Tiling:
     tile_h: int  # tile size in pixels
     tile_w: int
-    overlap: float = 0.75  # share of a tile its neighbour also covers; 0 = side-by-side tiles (seams show)
+    overlap: float = GenerateSettings.tile_overlap  # share of a tile its neighbour also covers; 0: side by side
     seamless: bool = False
 
 
