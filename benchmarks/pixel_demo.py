@@ -1,0 +1,120 @@
+"""Which pixel DDPM settings reach issue 23 part 5's goal at the demo's own size and budget: grey levels, SWD and phase
+fractions within 2x the real-vs-real floor, classifier accuracy >= 60 %, the whole demo <= 12 min on 2 idle cores.
+Each variant is the demo's own `ddpm-pixel` stage (recipes/ddpm_pixel.yaml through `accelerate launch`) with a few
+overrides, trained on one demo folder's dataset and scored by the report's own evaluation of that model alone.
+
+    python -m ldm_finetune.cli demo --out /tmp/demo            # once: the dataset (any completed demo folder)
+    python benchmarks/pixel_demo.py /tmp/demo --variants demo v_min_snr
+    python benchmarks/pixel_demo.py /tmp/demo --variants demo --no-train --sampler pixel_steps=100 pixel_eta=0.5
+
+Results: results/pixel_demo.json (one entry per variant and sampler, merged into what is there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from demo_under_load import headline  # noqa: E402
+
+from ldm_finetune import demo  # noqa: E402
+from ldm_finetune.demo_settings import DemoSettings  # noqa: E402
+from ldm_finetune.evaluation.config import run_config  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "pixel_demo.json"
+GOAL = {"grey": 2.0, "swd": 2.0, "phase": 2.0, "accuracy": 0.6}
+
+# overrides of the demo's pixel DDPM launch (demo.DDPM_MODEL and the stage's own), per variant
+VARIANTS = {
+    "demo": {},
+    "v_prediction": {"diffusion.prediction_type": "v_prediction"},
+    "min_snr5": {"noise.min_snr_gamma": 5.0},
+    "v_min_snr5": {"diffusion.prediction_type": "v_prediction", "noise.min_snr_gamma": 5.0},
+    "wide64": {"model.base_channels": 64},
+    "steps1000": {"train.max_steps": 1000},
+    "batch32": {"train.batch_size": 32},
+}
+
+
+def train(folder: Path, name: str, overrides: dict) -> float:
+    s = DemoSettings(out=folder, quiet=True)
+    run = folder / "runs" / f"pixel_{name}"
+    shutil.rmtree(run, ignore_errors=True)
+    started = time.perf_counter()
+    demo.launch("ddpm_pixel.yaml", demo.DDPM_MODEL | {
+        "data.train_dir": folder / "dataset" / "train", "output_dir": run, "data.resolution": s.ddpm_resolution,
+        "data.num_workers": 0, "train.max_steps": s.ddpm_steps, "train.lr_warmup_steps": min(20, s.ddpm_steps),
+        "train.mixed_precision": "no", "checkpoint.every_steps": "null", "validation.every_steps": "null"}
+        | overrides, s)
+    return time.perf_counter() - started
+
+
+def distances(metrics: dict, name: str) -> dict:
+    """Grey W1, SWD and phase fractions over their floors, averaged over the classes (the goal's three numbers)."""
+    keys = {"grey": "grey_w1", "swd": "swd", "phase": "phase_fractions"}
+    ratios: dict[str, list[float]] = {k: [] for k in keys}
+    for entry in metrics["fidelity"].values():
+        model = entry["models"].get(name)
+        if model is None:
+            continue
+        floor = model.get("floor") or entry.get("floor") or {}
+        for short, key in keys.items():
+            if floor.get(key):
+                ratios[short].append(model["values"][key] / floor[key])
+    return {k: round(sum(v) / len(v), 2) for k, v in ratios.items() if v}
+
+
+def score(folder: Path, name: str, sampler: dict) -> dict:
+    cfg = demo.evaluation_config(DemoSettings(out=folder))
+    pixel = next(m for m in cfg["models"] if m["name"] == "ddpm-pixel")
+    pixel["model"] = str(folder / "runs" / f"pixel_{name}" / "model")
+    cfg["models"], cfg["probes"] = [pixel], []
+    cfg["sampler"] = cfg["sampler"] | sampler
+    tag = name + "".join(f"_{k}{v}" for k, v in sorted(sampler.items()))
+    out = folder / "pixel_eval" / tag
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / "evaluate.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    started = time.perf_counter()
+    run_config(out / "evaluate.yaml", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = headline(metrics)["ddpm-pixel"] | distances(metrics, "ddpm-pixel")
+    return {"sampler": cfg["sampler"], "eval_seconds": round(time.perf_counter() - started)} | row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a demo output folder (its dataset/ is used)")
+    parser.add_argument("--variants", nargs="+", default=["demo"], choices=sorted(VARIANTS))
+    parser.add_argument("--sampler", nargs="*", default=[], help="KEY=VALUE overrides of the evaluation's sampler")
+    parser.add_argument("--no-train", action="store_true", help="score the variants' existing runs")
+    args = parser.parse_args()
+    sampler = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.sampler)}
+    record = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    record["machine"] = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                         "threads": "chosen by the demo stage (core/threads.py)"}
+    record["goal"] = GOAL
+    for name in args.variants:
+        entry = {"overrides": VARIANTS[name]}
+        if not args.no_train:
+            entry["train_seconds"] = round(train(args.folder, name, VARIANTS[name]))
+        entry |= score(args.folder, name, sampler)
+        key = name + "".join(f" {k}={v}" for k, v in sorted(sampler.items()))
+        record.setdefault("variants", {})[key] = record.get("variants", {}).get(key, {}) | entry
+        print(json.dumps({key: entry}), flush=True)
+        RESULTS.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
