@@ -41,6 +41,8 @@ VARIANTS = {
     "v_prediction": {"diffusion.prediction_type": "v_prediction"},
     "min_snr5": {"noise.min_snr_gamma": 5.0},
     "v_min_snr5": {"diffusion.prediction_type": "v_prediction", "noise.min_snr_gamma": 5.0},
+    "lognormal": {"noise.lognormal_sigma": "[-1.2,1.2]"},
+    "v_lognormal": {"diffusion.prediction_type": "v_prediction", "noise.lognormal_sigma": "[-1.2,1.2]"},
     "wide64": {"model.base_channels": 64},
     "steps1000": {"train.max_steps": 1000},
     "batch32": {"train.batch_size": 32},
