@@ -41,9 +41,10 @@ VARIANTS = {
     "v_prediction": {"diffusion.prediction_type": "v_prediction"},
     "min_snr5": {"noise.min_snr_gamma": 5.0},
     "v_min_snr5": {"diffusion.prediction_type": "v_prediction", "noise.min_snr_gamma": 5.0},
-    "lognormal": {"noise.lognormal_sigma": "[-1.2,1.2]"},
-    "v_lognormal": {"diffusion.prediction_type": "v_prediction", "noise.lognormal_sigma": "[-1.2,1.2]"},
     "wide64": {"model.base_channels": 64},
+    # 1.76x cheaper steps (0.30 s against 0.52 s at batch 16 on 2 threads): 850 steps in the demo's 500-step time
+    "narrow_850": {"model.base_channels": 16, "model.channel_mult": "[1,2,4]", "model.norm_num_groups": 8,
+                   "train.max_steps": 850},
     "steps1000": {"train.max_steps": 1000},
     "batch32": {"train.batch_size": 32},
 }
@@ -77,13 +78,14 @@ def distances(metrics: dict, name: str) -> dict:
     return {k: round(sum(v) / len(v), 2) for k, v in ratios.items() if v}
 
 
-def score(folder: Path, name: str, sampler: dict) -> dict:
+def score(folder: Path, name: str, sampler: dict, first_seed: int) -> dict:
     cfg = demo.evaluation_config(DemoSettings(out=folder))
+    cfg["seeds"] = [first_seed + s for s in cfg["seeds"]]
     pixel = next(m for m in cfg["models"] if m["name"] == "ddpm-pixel")
     pixel["model"] = str(folder / "runs" / f"pixel_{name}" / "model")
     cfg["models"], cfg["probes"] = [pixel], []
     cfg["sampler"] = cfg["sampler"] | sampler
-    tag = name + "".join(f"_{k}{v}" for k, v in sorted(sampler.items()))
+    tag = name + "".join(f"_{k}{v}" for k, v in sorted(sampler.items())) + f"_seeds{first_seed}"
     out = folder / "pixel_eval" / tag
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -101,6 +103,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["demo"], choices=sorted(VARIANTS))
     parser.add_argument("--sampler", nargs="*", default=[], help="KEY=VALUE overrides of the evaluation's sampler")
     parser.add_argument("--no-train", action="store_true", help="score the variants' existing runs")
+    parser.add_argument("--seed-sets", type=int, default=1,
+                        help="score this many disjoint sets of the demo's seeds (0-7, 8-15, ...): the evaluation's "
+                             "own spread, and a mean")
     args = parser.parse_args()
     sampler = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.sampler)}
     record = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -111,7 +116,12 @@ def main() -> None:
         entry = {"overrides": VARIANTS[name]}
         if not args.no_train:
             entry["train_seconds"] = round(train(args.folder, name, VARIANTS[name]))
-        entry |= score(args.folder, name, sampler)
+        n_seeds = len(demo.evaluation_config(DemoSettings(out=args.folder))["seeds"])
+        sets = [score(args.folder, name, sampler, k * n_seeds) for k in range(args.seed_sets)]
+        entry |= sets[0]
+        if len(sets) > 1:
+            entry["seed_sets"] = {key: [row[key] for row in sets] for key in ("grey", "swd", "phase", "accuracy")}
+            entry["mean"] = {key: round(sum(v) / len(v), 3) for key, v in entry["seed_sets"].items()}
         key = name + "".join(f" {k}={v}" for k, v in sorted(sampler.items()))
         record.setdefault("variants", {})[key] = record.get("variants", {}).get(key, {}) | entry
         print(json.dumps({key: entry}), flush=True)

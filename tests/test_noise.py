@@ -11,7 +11,6 @@ from diffusers import DDPMScheduler
 
 from ldm_finetune.models.noise import (
     DiffusionObjective,
-    lognormal_timesteps,
     min_snr_weights,
     perturb_noise,
     sample_noise,
@@ -54,21 +53,6 @@ def test_input_perturbation():
     torch.testing.assert_close(perturb_noise(noise, 0.1, g), expected)
 
 
-def test_lognormal_noise_levels_follow_the_asked_distribution():
-    """EDM's training distribution on a discrete schedule: the drawn timesteps' ln(sigma) has the asked mean and
-    spread (within the schedule's range), and a uniform draw would not."""
-    abar = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
-    log_sigma = 0.5 * torch.log((1 - abar) / abar)
-    torch.manual_seed(0)
-    drawn = log_sigma[lognormal_timesteps(abar, 20000, -1.2, 1.2)]
-    assert abs(drawn.mean() + 1.2) < 0.05 and abs(drawn.std() - 1.2) < 0.05
-    uniform = log_sigma[torch.randint(0, 1000, (20000,))]
-    assert abs(uniform.mean() + 1.2) > 0.5
-    # the nearest timestep: a draw exactly at a timestep's sigma lands on it
-    picked = lognormal_timesteps(abar, 1, float(log_sigma[300]), 1e-9)
-    assert picked.tolist() == [300]
-
-
 def test_v_prediction_target_by_hand():
     sched = DDPMScheduler(prediction_type="v_prediction")
     x0, noise, t = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2), torch.tensor([500])
@@ -87,8 +71,7 @@ def test_zero_terminal_snr_option_reaches_pure_noise():
 # --- one objective for every task -----------------------------------------------------------------------------------
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-NOISE = {"noise.offset": 0.5, "noise.input_perturbation": 0.1, "noise.min_snr_gamma": 5.0,
-         "noise.lognormal_sigma": "[-1.2,1.2]"}
+NOISE = {"noise.offset": 0.5, "noise.input_perturbation": 0.1, "noise.min_snr_gamma": 5.0}
 TASKS = {
     "lora_dreambooth.yaml": {"data.resolution": 32, "dreambooth.prior_preservation": "true",
                              "dreambooth.prior": "base_model", "validation.prompts": "[]"},
@@ -128,7 +111,6 @@ def test_every_task_trains_through_the_one_objective_with_its_noise_options(reci
     assert torch.isfinite(loss)
     assert len(seen) == 1 and seen[0] is task.objective
     assert (seen[0].offset, seen[0].input_perturbation, seen[0].min_snr_gamma) == (0.5, 0.1, 5.0)
-    assert seen[0].lognormal_sigma == (-1.2, 1.2)
 
 
 def test_the_mini_base_trains_through_the_same_objective(tmp_path, monkeypatch):

@@ -8,10 +8,7 @@ base), and its options, one implementation each. A new option is a NoiseConfig f
   the original noise, reducing the train/sample exposure bias;
 - min-SNR-gamma loss weighting (Hang et al. 2023): clamp each timestep's weight at SNR = gamma, written for the
   prediction target actually used (epsilon or v);
-- zero-terminal SNR (Lin et al. 2024): rescale the betas so the last timestep is pure noise (needs v-prediction);
-- log-normal noise levels (Karras et al. 2022, EDM): draw ln(sigma) ~ N(mean, std) and train at the timestep of the
-  nearest sigma = sqrt((1 - abar) / abar), instead of uniform timesteps, which spend much of a short training on
-  noise levels where the prediction is trivial (almost pure noise) or its error invisible (almost clean).
+- zero-terminal SNR (Lin et al. 2024): rescale the betas so the last timestep is pure noise (needs v-prediction).
 """
 
 from __future__ import annotations
@@ -77,18 +74,6 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: to
     return per_sample
 
 
-def lognormal_timesteps(alphas_cumprod: torch.Tensor, n: int, mean: float, std: float,
-                        device=None) -> torch.Tensor:
-    """(n,) timesteps whose noise levels sigma_t = sqrt((1 - abar_t) / abar_t) follow ln(sigma) ~ N(mean, std):
-    each draw goes to the timestep of the nearest log-sigma (sigma grows with t, so a sorted search finds it)."""
-    abar = alphas_cumprod.double().clamp_min(1e-12)
-    log_sigma = 0.5 * torch.log((1 - abar).clamp_min(1e-20) / abar)
-    wanted = mean + std * torch.randn(n, dtype=torch.float64)
-    upper = torch.searchsorted(log_sigma, wanted).clamp(1, len(log_sigma) - 1)
-    nearer_lower = (wanted - log_sigma[upper - 1]) < (log_sigma[upper] - wanted)
-    return (upper - nearer_lower.long()).to(device)
-
-
 @dataclass
 class Noised:
     """A batch as the objective noised it: the model's input x_t at `timesteps`, and what it must predict."""
@@ -102,29 +87,23 @@ class Noised:
 
 @dataclass
 class DiffusionObjective:
-    """Denoising training: noise (with offset), timesteps (uniform or log-normal in sigma), the noisy input (with input perturbation), the
+    """Denoising training: noise (with offset), uniform timesteps, the noisy input (with input perturbation), the
     target of the schedule's prediction type (epsilon or v; zero-terminal SNR lives in the schedule's betas) and the
     per-sample loss (min-SNR weighted)."""
     scheduler: Any  # a diffusers DDPMScheduler: betas, num_train_timesteps, prediction_type
     offset: float = 0.0
     input_perturbation: float = 0.0
     min_snr_gamma: float | None = None
-    lognormal_sigma: tuple[float, float] | None = None  # (mean, std) of ln(sigma); None: uniform timesteps
 
     @classmethod
     def from_config(cls, noise, scheduler) -> "DiffusionObjective":
         """From a recipe's `noise:` section (training/config.py NoiseConfig)."""
-        return cls(scheduler, noise.offset, noise.input_perturbation, noise.min_snr_gamma,
-                   tuple(noise.lognormal_sigma) if noise.lognormal_sigma else None)
-
-    def timesteps(self, n: int, device) -> torch.Tensor:
-        if self.lognormal_sigma is None:
-            return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=device).long()
-        return lognormal_timesteps(self.scheduler.alphas_cumprod, n, *self.lognormal_sigma, device=device)
+        return cls(scheduler, noise.offset, noise.input_perturbation, noise.min_snr_gamma)
 
     def noised(self, x0: torch.Tensor) -> Noised:
         noise = sample_noise(x0, self.offset)
-        timesteps = self.timesteps(x0.shape[0], x0.device)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],),
+                                  device=x0.device).long()
         x_t = self.scheduler.add_noise(x0, perturb_noise(noise, self.input_perturbation), timesteps)
         return Noised(x_t, timesteps, training_target(self.scheduler, x0, noise, timesteps))
 

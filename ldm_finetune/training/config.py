@@ -155,15 +155,11 @@ class NoiseConfig:
     input_perturbation: float = 0.0  # input perturbation gamma (Ning et al. 2023), typically 0.1
     min_snr_gamma: Optional[float] = None  # min-SNR loss weighting (Hang et al. 2023), typically 5
     zero_terminal_snr: bool = False  # rescale betas so the last step is pure noise (Lin et al. 2024); needs v-pred
-    # [mean, std] of ln(sigma) to draw training noise levels from (Karras et al. 2022 use [-1.2, 1.2]); null: uniform
-    lognormal_sigma: Optional[list[float]] = None
 
     def __post_init__(self):
         _positive("noise.offset", self.offset, allow_zero=True)
         _positive("noise.input_perturbation", self.input_perturbation, allow_zero=True)
         _positive("noise.min_snr_gamma", self.min_snr_gamma)
-        if self.lognormal_sigma is not None and (len(self.lognormal_sigma) != 2 or self.lognormal_sigma[1] <= 0):
-            raise UserError(f"noise.lognormal_sigma: expected [mean, std] with std > 0, got {self.lognormal_sigma}")
 
 
 @dataclass
