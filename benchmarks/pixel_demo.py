@@ -4,7 +4,7 @@ Each variant is the demo's own `ddpm-pixel` stage (recipes/ddpm_pixel.yaml throu
 overrides, trained on one demo folder's dataset and scored by the report's own evaluation of that model alone.
 
     python -m ldm_finetune.cli demo --out /tmp/demo            # once: the dataset (any completed demo folder)
-    python benchmarks/pixel_demo.py /tmp/demo --variants demo v_min_snr
+    python benchmarks/pixel_demo.py /tmp/demo --variants demo v_min_snr5 --seed-sets 3
     python benchmarks/pixel_demo.py /tmp/demo --variants demo --no-train --sampler pixel_steps=100 pixel_eta=0.5
 
 Results: results/pixel_demo.json (one entry per variant and sampler, merged into what is there).
