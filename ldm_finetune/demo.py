@@ -189,12 +189,17 @@ def _generate(s: DemoSettings) -> None:
         print(f"  {len(paths)} images -> {s.out / 'generated' / name}")
 
 
-def _ddpm(s: DemoSettings) -> None:
-    launch("ddpm_pixel.yaml", DDPM_MODEL | {
-        "data.train_dir": s.out / "dataset" / "train", "output_dir": s.out / "runs" / "ddpm_pixel",
+def _ddpm_overrides(s: DemoSettings, name: str) -> dict:
+    """What turns recipes/ddpm_pixel.yaml into the demo's CPU run, written to OUT/runs/NAME."""
+    return DDPM_MODEL | {
+        "data.train_dir": s.out / "dataset" / "train", "output_dir": s.out / "runs" / name,
         "data.resolution": s.ddpm_resolution, "data.num_workers": 0, "train.max_steps": s.ddpm_steps,
         "train.lr_warmup_steps": min(20, s.ddpm_steps), "train.mixed_precision": "no",
-        "checkpoint.every_steps": "null", "validation.every_steps": "null"}, s)
+        "checkpoint.every_steps": "null", "validation.every_steps": "null"}
+
+
+def _ddpm(s: DemoSettings) -> None:
+    launch("ddpm_pixel.yaml", _ddpm_overrides(s, "ddpm_pixel"), s)
 
 
 def _evaluate(s: DemoSettings) -> None:
