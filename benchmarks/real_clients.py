@@ -150,7 +150,8 @@ def make(work: Path, archs: list[str]) -> None:
             _train("lora.yaml", base, data / "train", folder / "lora", LORA)
         if not (folder / "pivotal" / "training_finished.json").is_file():
             _train("pivotal_tuning.yaml", base, data / "train", folder / "pivotal", {
-                **LORA, "pivotal.ti_steps": 1, "data.concepts": "[{token: <dry-slice>, initializer: dry, select: {state: dry}, "
+                **LORA, "pivotal.ti_steps": 1,
+                "data.concepts": "[{token: <dry-slice>, initializer: dry, select: {state: dry}, "
                 "num_images: 3, caption: 'A {token} of a carbon composite material'}]",
                 "pivotal.embedding_lr": 1e-1, "validation.prompts": "[]"})
         checkpoint = folder / "checkpoint.safetensors"

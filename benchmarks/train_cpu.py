@@ -90,7 +90,8 @@ def main() -> None:
     for s in summary.values():
         s["speedup"] = round(s["steps_per_s"] / base["steps_per_s"], 2)
         s["rss_ratio"] = round(s["peak_rss_mb"] / base["peak_rss_mb"], 2)
-    record = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
+    machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+    record = {"machine": machine, "python": platform.python_version(),
               "settings": vars(args) | {"train_images": images}, "runs": runs, "summary": summary}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"train_cpu_tiny_{args.resolution}px_b{args.batch}.json"

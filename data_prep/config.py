@@ -65,7 +65,7 @@ class PrepConfig:
     orientations: list[Literal["thickness", "warp", "weft"]] = field(default_factory=lambda: list(ORIENTATIONS))
     warp_axis: Literal["y", "x"] = "y"  # warp images are planes at fixed y (the study's volumes) or fixed x
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # voxel size (z, y, x), any unit
-    spacing_unit: Optional[str] = None  # the unit of spacing ("um", "mm", ...); None: voxels, or unnamed if spacing is set
+    spacing_unit: Optional[str] = None  # unit of spacing ("um", "mm", ...); None: voxels, or unnamed if spacing is set
     bits: Literal[8, 16] = 8  # PNG bit depth
     window: Union[Literal["auto", "shared"], tuple[float, float]] = "auto"  # per volume, pooled, or fixed [lo, hi]
     percentiles: tuple[float, float] = (0.5, 99.5)  # for auto/shared windows

@@ -320,7 +320,8 @@ _SLICE_SUFFIXES = (".tif", ".tiff")
 
 
 def _open_folder(folder: Path, channel: int | None) -> Volume:
-    files = sorted((f for f in folder.iterdir() if f.suffix.lower() in _SLICE_SUFFIXES), key=lambda f: natural_key(f.name))
+    files = sorted((f for f in folder.iterdir() if f.suffix.lower() in _SLICE_SUFFIXES),
+                   key=lambda f: natural_key(f.name))
     if not files:
         raise UserError(f"{folder}: folder holds no .tif/.tiff slices")
     shapes = []
@@ -334,7 +335,8 @@ def _open_folder(folder: Path, channel: int | None) -> Volume:
     shape0, dtype0, axes0 = shapes[0]
     for f, (shape, dtype, _) in zip(files, shapes):
         if shape != shape0 or dtype != dtype0:
-            raise UserError(f"{f}: slice is {shape} {dtype} but {files[0].name} is {shape0} {dtype0}; all slices must match")
+            raise UserError(f"{f}: slice is {shape} {dtype} but {files[0].name} is {shape0} {dtype0}; "
+                            "all slices must match")
     if len(shape0) == 3 and axes0.endswith("S"):
         if channel is None:
             raise UserError(f"{files[0]}: slices have {shape0[-1]} channels; choose one with --channel N")

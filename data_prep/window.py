@@ -98,7 +98,8 @@ def percentile_window(hist: Histogram, low: float, high: float, where: str) -> t
     lo, hi = material.percentile(low), material.percentile(high)
     if not hi > lo:
         if len(hist.values) == 1:
-            raise UserError(f"{where}: volume is constant (every sampled voxel = {hist.values[0]:g}); nothing to window")
+            raise UserError(f"{where}: volume is constant (every sampled voxel = {hist.values[0]:g}); "
+                            "nothing to window")
         lo, hi = float(material.values[0]), float(material.values[-1])
     return lo, hi
 

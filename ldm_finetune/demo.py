@@ -221,7 +221,8 @@ def evaluation_config(s: DemoSettings) -> dict:
              "concepts": DREAMBOOTH_PROMPTS},
             {"name": "mini-textual-inversion", "kind": "sd", "model": base,
              "embeddings": [str(RunLayout(runs / "textual_inversion").embeddings)],
-             "concepts": {class_key(st, o): TI_CAPTION.format(token=ti_token(st)) for st in STATES for o in ORIENTATIONS}},
+             "concepts": {class_key(st, o): TI_CAPTION.format(token=ti_token(st))
+                          for st in STATES for o in ORIENTATIONS}},
             {"name": "ddpm-pixel", "kind": "pixel", "model": str(RunLayout(runs / "ddpm_pixel").pixel_model)},
             # the patch baseline costs seconds per image on a CPU: one class per cut
             {"name": "local-score", "kind": "local_score", "patch": 5,

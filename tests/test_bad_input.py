@@ -50,8 +50,8 @@ def edited_lora(tmp_path, lora_weights, edit) -> str:
 @pytest.mark.parametrize("edit, expected", [
     (lambda w, k: w | {k: torch.zeros(w[k].shape[0], 8)}, "down matrix rank 4, up matrix rank 8; the file is damaged"),
     (lambda w, k: {n: v for n, v in w.items() if n != k}, "no up matrix for its down matrix"),
-    (lambda w, k: w | {k: torch.zeros(48, 4)}, "wrong shape (first: unet.down_blocks.0.attentions.0.transformer_blocks.0"
-                                                ".attn2.to_v (LoRA output 48, model 32))"),
+    (lambda w, k: w | {k: torch.zeros(48, 4)},
+     "wrong shape (first: unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v (LoRA output 48, model 32))"),
 ], ids=["ranks-disagree", "up-matrix-missing", "wrong-output-width"])
 def test_a_lora_of_the_wrong_shape(lora_weights, tiny_model_dir, tmp_path, run_cli, edit, expected):
     lora = edited_lora(tmp_path, lora_weights, edit)
@@ -61,9 +61,10 @@ def test_a_lora_of_the_wrong_shape(lora_weights, tiny_model_dir, tmp_path, run_c
 
 
 def test_an_embedding_of_another_width(tiny_model_dir, tmp_path, run_cli):
-    emb = tmp_path / "wide.safetensors"  # an SD 2.x embedding (1024 wide) on an SD 1.x text encoder (768), here 48 vs 32
+    emb = tmp_path / "wide.safetensors"  # an SD 2.x embedding (1024 wide) on an SD 1.x encoder (768), here 48 vs 32
     save_file({"<wide>": torch.zeros(1, 48)}, str(emb))
-    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--embedding", emb, *GENERATE, "--out", tmp_path / "x")
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--embedding", emb, *GENERATE,
+                           "--out", tmp_path / "x")
     assert code == 2 and err.startswith(f"error: --embedding {emb}: ") and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
 

@@ -1,4 +1,5 @@
-"""The tiny random-init SD pipeline: written offline in diffusers layout, reloaded by plain diffusers; loading errors."""
+"""The tiny random-init SD pipeline: written offline in diffusers layout, reloaded by plain diffusers; loading
+errors."""
 
 from __future__ import annotations
 

@@ -122,7 +122,8 @@ def convert(tp, value: Any, key: str):
             words = ("no", "off", "false") if value is False else ("yes", "on", "true")
             value = next((a for a in args if a in words), value)
         if value not in args:
-            raise UserError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}{closest(str(value), map(str, args))}")
+            choices = ", ".join(map(repr, args))
+            raise UserError(f"{key}: {value!r} is not one of {choices}{closest(str(value), map(str, args))}")
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)

@@ -234,7 +234,8 @@ def run_config(path: Path, out: Path) -> Path:
     cfg = load_eval_config(path)
     real = load_real(cfg.real, "train", cfg.size, cfg.max_real)
     classes = list(cfg.concepts) or real.known_classes()
-    per_model = [(f"models[{m.name}].{key}", list(getattr(m, key))) for m in cfg.models for key in ("concepts", "classes")]
+    per_model = [(f"models[{m.name}].{key}", list(getattr(m, key)))
+                 for m in cfg.models for key in ("concepts", "classes")]
     for where, names in [("concepts", classes)] + per_model:
         unknown = [c for c in names if c not in real.known_classes()]
         if unknown:

@@ -33,7 +33,8 @@ def _resolve(source: str) -> tuple[str, dict[str, str], list[tuple[str, float]]]
     if layout.lora.is_file() and layout.config.is_file():  # a LoRA run: its base, with its LoRA
         base = load_yaml(layout.config).get("model", {}).get("pretrained")
         if not base:
-            raise UserError(f"{layout.config}: no model.pretrained; pass the base model as SOURCE and the run as --lora")
+            raise UserError(f"{layout.config}: no model.pretrained; pass the base model as SOURCE and the run as "
+                            "--lora")
         return str(base), {}, [(str(path), 1.0)]
     if path.exists():
         raise UserError(f"{source}: not a diffusers model folder, a full fine-tune's run folder or a LoRA run folder")

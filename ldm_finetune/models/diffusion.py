@@ -5,7 +5,8 @@ The samplers take any *denoiser* `(x_t, t) -> x0_hat`, the model's estimate of t
 locally constrained one of Kamb & Ganguli 2024). Closed-form denoisers make the samplers testable without training:
 schedule, indexing and variance bugs show up as samples that miss the known distribution.
 
-Notation (Ho et al. 2020): beta_t, alpha_t = 1 - beta_t, abar_t = prod alpha; x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+Notation (Ho et al. 2020): beta_t, alpha_t = 1 - beta_t, abar_t = prod alpha;
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
 """
 
 from __future__ import annotations
