@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.evaluation.metrics import seam_score
 from ldm_finetune.generation.generate import GenerateSettings, generate, load_pipeline
-from ldm_finetune.generation.tiled import Tiling, plan_tiling, starts, tile_joins, tiled, windows
+from ldm_finetune.generation.tiled import Tiling, plan_tiling, starts, tile_joins, tiled, tiled_forward, windows
 from ldm_finetune.models.stable_diffusion import render
 from ldm_finetune.training.mini_base import shipped_mini_base
 
@@ -32,6 +33,19 @@ def test_tiles_cover_the_canvas_and_wrap_only_when_seamless():
     for rows, columns in tiles:
         covered[rows[:, None].numpy(), columns.numpy()] += 1
     assert covered.min() == covered.max() == 4  # every latent pixel under the same number of tiles
+
+
+def test_the_grid_moves_within_its_stride(mini):
+    assert starts(16, 8, 4, wrap=False, offset=1) == [0, 1, 5, 8]  # the first and last tiles stay flush
+    assert starts(16, 8, 4, wrap=True, offset=5) == [1, 5, 9, 13]
+    assert starts(16, 8, 8, wrap=False, offset=1) == [0, 8]  # side-by-side tiles keep their grid
+    assert {s % 4 for offset in range(4) for s in starts(16, 8, 4, wrap=True, offset=offset)} == {0, 1, 2, 3}
+    # the UNet's tiled forward moves its grid at each call and comes back to it after the stride (2 latent px here)
+    forward = tiled_forward(mini.unet, Tiling(32, 32, 0.75), factor=4)
+    sample, context = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 77, 64)
+    with torch.no_grad():
+        first, second, third = (forward(sample, 500, context, return_dict=False)[0] for _ in range(3))
+    assert not torch.equal(first, second) and torch.equal(first, third)
 
 
 def test_one_tile_is_the_plain_pipeline(mini):

@@ -8,6 +8,12 @@ Hann weight (highest at a tile's centre, where it saw the most context, and near
 least: a tile's edge is where a join would show). The diffusers pipeline then takes its ordinary scheduler step on
 the whole canvas.
 
+The tile grid moves by one latent pixel at every UNet call, cycling through its stride (the first and last tiles stay
+flush with the canvas edges). With a fixed grid the tile edges sit on the same latent columns at every step, and
+those columns show: a seamless slice's wrap edge, always a tile edge, scored 1.22 (benchmarks/README.md). Moving the
+grid makes every column an edge equally often. Side-by-side tiles (overlap 0) keep their grid: they are the reference
+that shows what a seam looks like.
+
 Blending the noise prediction instead of each tile's stepped latent (the paper's form) gives the same result for
 DDIM and every other scheduler whose step is linear in the prediction, and it keeps multistep schedulers' state
 (DPM++, PNDM, UniPC) and ancestral samplers' fresh noise whole, drawn once for the canvas rather than averaged over
@@ -22,6 +28,8 @@ circular padding (its memory then grows with the output).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import types
 from dataclasses import dataclass
 
@@ -68,14 +76,16 @@ def plan_tiling(pipe, height: int | None, width: int | None, tile: int | None, o
     return Tiling(min(side, height), min(side, width), overlap, seamless)
 
 
-def starts(size: int, tile: int, stride: int, wrap: bool) -> list[int]:
-    """Where tiles begin along one axis (latent pixels). Without wrap the last tile is flush with the far edge;
-    with wrap, tiles start every `stride` around the circle and the last ones run over the edge."""
+def starts(size: int, tile: int, stride: int, wrap: bool, offset: int = 0) -> list[int]:
+    """Where tiles begin along one axis (latent pixels), the grid moved by `offset` (modulo the stride; only
+    overlapping tiles move). Without wrap the first and last tiles are flush with the edges; with wrap, tiles start
+    every `stride` around the circle and the last ones run over the edge."""
     if tile >= size:
         return [0]
+    offset = offset % stride if stride < tile else 0
     if wrap:
-        return list(range(0, size, stride))
-    out = list(range(0, size - tile + 1, stride))
+        return list(range(offset, offset + size, stride))
+    out = ([0] if offset else []) + list(range(offset, size - tile + 1, stride))
     return out if out[-1] + tile == size else out + [size - tile]
 
 
@@ -93,25 +103,30 @@ def tile_grid(tiling: Tiling, factor: int) -> tuple[tuple[int, int], tuple[int, 
                  for t in (tiling.tile_h, tiling.tile_w))
 
 
-def windows(height: int, width: int, tiling: Tiling, factor: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(rows, columns) latent index tensors of every tile; indices wrap modulo the canvas when seamless."""
+def windows(height: int, width: int, tiling: Tiling, factor: int,
+            offset: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(rows, columns) latent index tensors of every tile, the grid moved by `offset` along both axes; indices wrap
+    modulo the canvas when seamless."""
     (th, sh), (tw, sw) = tile_grid(tiling, factor)
     return [(torch.arange(y, y + th) % height, torch.arange(x, x + tw) % width)
-            for y in starts(height, th, sh, tiling.seamless) for x in starts(width, tw, sw, tiling.seamless)]
+            for y in starts(height, th, sh, tiling.seamless, offset)
+            for x in starts(width, tw, sw, tiling.seamless, offset)]
 
 
 def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int):
     """A forward for `unet` that predicts a canvas of any size from native-size tiles (see the module docstring)."""
     forward = unet.forward  # bound: whatever forward the UNet has now (hooks included)
-    (th, _), (tw, _) = tile_grid(tiling, factor)
+    (th, sh), (tw, sw) = tile_grid(tiling, factor)
     tile_weight = hann(th)[:, None] * hann(tw)[None, :]
-    layouts = {}  # canvas (height, width) -> its overlapping tiles: the same at every step
+    layouts = {}  # (canvas height, width, grid offset) -> its overlapping tiles
+    calls = itertools.count()
 
     def blended(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         batch, _, height, width = sample.shape
-        if (height, width) not in layouts:
-            layouts[height, width] = windows(height, width, tiling, factor)
-        tiles, weight = layouts[height, width], tile_weight.to(sample.device, sample.dtype)
+        offset = next(calls) % math.lcm(sh, sw)  # the grid moves one latent pixel per call (module docstring)
+        if (height, width, offset) not in layouts:
+            layouts[height, width, offset] = windows(height, width, tiling, factor, offset)
+        tiles, weight = layouts[height, width, offset], tile_weight.to(sample.device, sample.dtype)
         total = torch.zeros_like(sample)
         weights = torch.zeros(height, width, device=sample.device, dtype=sample.dtype)
         per_call = max(1, TILE_SAMPLES // batch)
