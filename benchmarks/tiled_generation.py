@@ -76,8 +76,8 @@ def draw_fn(base: Path, lora: Path, vae_whole: bool = False, **size):
     return draw
 
 
-SEAM_VARIANTS = {"multidiffusion": {}, "overlap_0.5": {"tile_overlap": 0.5}, "side_by_side": {"tile_overlap": 0.0},
-                 "seamless": {"seamless": True}}
+SEAM_VARIANTS = {"overlap_0.5": {}, "overlap_0.75": {"tile_overlap": 0.75}, "side_by_side": {"tile_overlap": 0.0},
+                 "seamless": {"seamless": True}, "seamless_overlap_0.75": {"seamless": True, "tile_overlap": 0.75}}
 
 
 def seams(base: Path, lora: Path, seeds: list[int], names: list[str]) -> dict:
@@ -97,8 +97,8 @@ def seams(base: Path, lora: Path, seeds: list[int], names: list[str]) -> dict:
 
 
 # the crops' variants: how much the tiles overlap, and whether the VAE decodes the field whole or in its own tiles
-CROP_VARIANTS = {"overlap_0.75": {}, "overlap_0.5": {"tile_overlap": 0.5}, "side_by_side": {"tile_overlap": 0.0},
-                 "overlap_0.75_vae_whole": {"vae_whole": True}}
+CROP_VARIANTS = {"overlap_0.5": {}, "overlap_0.75": {"tile_overlap": 0.75}, "side_by_side": {"tile_overlap": 0.0},
+                 "overlap_0.5_vae_whole": {"vae_whole": True}}
 
 
 def crops_against_native(base: Path, lora: Path, data: Path, work: Path, n: int, names: list[str]) -> dict:

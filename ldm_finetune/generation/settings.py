@@ -24,7 +24,8 @@ class GenerateSettings:
     format: str = "png"  # png (8-bit RGB, or grey with grayscale) | tiff (scanner grey levels, see scanner.py)
     window: tuple[float, float] | None = None  # tiff: the scanner window (default: the one the run recorded)
     tile: int | None = None  # MultiDiffusion tile side in px (default: the model's native size, when larger)
-    tile_overlap: float = 0.75  # share of a tile its neighbour also covers (0.5: ~half the UNet calls per tiled axis)
+    tile_overlap: float = 0.5  # share of a tile its neighbour also covers (0.75: ~twice the UNet calls per tiled
+    # axis, and with the moving grid no better at the joins: benchmarks/README.md)
     seamless: bool = False  # periodic slices: the image tiles with itself
 
 
