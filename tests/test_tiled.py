@@ -48,6 +48,13 @@ def test_the_grid_moves_within_its_stride(mini):
     assert not torch.equal(first, second) and torch.equal(first, third)
 
 
+def test_a_seed_draws_the_same_field_whatever_came_before(mini):
+    """The moving grid restarts with each sampling run; 3 steps leave a run off its starting offset (stride 4)."""
+    with tiled(mini, Tiling(32, 32, 0.5), 64, 64):
+        first, again = (render(mini, PROMPTS[:1], [0], 3, 4.0, height=64, width=64)[0][0] for _ in range(2))
+    assert np.array_equal(first, again)
+
+
 def test_one_tile_is_the_plain_pipeline(mini):
     plain = render(mini, PROMPTS[:1], [0], 8, 4.0, height=32, width=32)[0][0]
     with tiled(mini, Tiling(32, 32), 32, 32):

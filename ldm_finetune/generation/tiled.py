@@ -8,11 +8,11 @@ Hann weight (highest at a tile's centre, where it saw the most context, and near
 least: a tile's edge is where a join would show). The diffusers pipeline then takes its ordinary scheduler step on
 the whole canvas.
 
-The tile grid moves by one latent pixel at every UNet call, cycling through its stride (the first and last tiles stay
-flush with the canvas edges). With a fixed grid the tile edges sit on the same latent columns at every step, and
-those columns show: a seamless slice's wrap edge, always a tile edge, scored 1.22 (benchmarks/README.md; 1.08 with
-the moving grid). Moving the grid makes every column an edge equally often. Side-by-side tiles (overlap 0) keep their
-grid: they are the reference that shows what a seam looks like.
+The tile grid moves by one latent pixel at every UNet call, cycling through its stride from the same start in every
+sampling run (the first and last tiles stay flush with the canvas edges). With a fixed grid the tile edges sit on
+the same latent columns at every step, and those columns show: a seamless slice's wrap edge, always a tile edge,
+scored 1.22 (benchmarks/README.md; 1.08 with the moving grid). Moving the grid makes every column an edge equally
+often. Side-by-side tiles (overlap 0) keep their grid: they are the reference that shows what a seam looks like.
 
 Blending the noise prediction instead of each tile's stepped latent (the paper's form) gives the same result for
 DDIM and every other scheduler whose step is linear in the prediction, and it keeps multistep schedulers' state
@@ -28,7 +28,6 @@ circular padding (its memory then grows with the output).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import types
 from dataclasses import dataclass
@@ -119,11 +118,16 @@ def tiled_forward(unet: nn.Module, tiling: Tiling, factor: int):
     (th, sh), (tw, sw) = tile_grid(tiling, factor)
     tile_weight = hann(th)[:, None] * hann(tw)[None, :]
     layouts = {}  # (canvas height, width, grid offset) -> its overlapping tiles
-    calls = itertools.count()
+    run = {"call": -1, "t": math.inf}  # the last call's index in its sampling run, and its timestep
 
     def blended(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         batch, _, height, width = sample.shape
-        offset = next(calls) % math.lcm(sh, sw)  # the grid moves one latent pixel per call (module docstring)
+        t = float(torch.as_tensor(timestep).flatten()[0])
+        # a timestep above the last one starts a new sampling run: its grid starts where every run's does, so a
+        # seed draws the same image whatever was drawn before it
+        run["call"] = 0 if t > run["t"] else run["call"] + 1
+        run["t"] = t
+        offset = run["call"] % math.lcm(sh, sw)  # the grid moves one latent pixel per call (module docstring)
         if (height, width, offset) not in layouts:
             layouts[height, width, offset] = windows(height, width, tiling, factor, offset)
         tiles, weight = layouts[height, width, offset], tile_weight.to(sample.device, sample.dtype)
