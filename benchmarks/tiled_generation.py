@@ -7,8 +7,10 @@
 Measures, each in one run:
 - seam score (evaluation.metrics.seam_score): mean grey step across the joins of side-by-side 32 px tiles ÷ the same
   away from them, on 256 x 64 fields; MultiDiffusion (Hann-weighted tiles, overlap 0.75 and 0.5) against side-by-side
-  tiles (overlap 0) on the same seeds, and across the wrap edge with and without --seamless, next to a reference: the
-  same score on interior lines chosen at random (what "no seam" scores with this many images);
+  tiles (overlap 0) on the same seeds, and across the wrap edge with and without --seamless, next to references: the
+  same score on interior lines chosen at random (what "no seam" scores with this many images), and on every family
+  of lines one latent pixel apart modulo the tile (the moving grid's edges visit them all) for the tiled fields and
+  for a control with no tiles at all (the UNet run on the whole canvas: the model's own lines);
 - fidelity of crops: 32 px crops of 128 x 128 fields against native 32 px generations of the same prompt, both scored
   by the evaluation stage against the real slices, in real-vs-real floors;
 - time and peak memory (RSS, in a fresh process per size) against output area, tiled and, for reference, the plain
@@ -39,7 +41,7 @@ from data_prep.phantom import STATES, write_phantoms  # noqa: E402
 from data_prep.prep import run_prep  # noqa: E402
 from ldm_finetune.evaluation.evaluate import SuiteSettings, evaluate_folders  # noqa: E402
 from ldm_finetune.evaluation.metrics import seam_score  # noqa: E402
-from ldm_finetune.generation.generate import GenerateSettings, load_pipeline, prepared_pipeline  # noqa: E402
+from ldm_finetune.generation.generate import GenerateSettings, load_pipeline, prepared_pipeline, render  # noqa: E402
 from ldm_finetune.generation.tiled import Tiling, tile_joins  # noqa: E402
 from ldm_finetune.training.mini_base import shipped_mini_base  # noqa: E402
 
@@ -67,17 +69,30 @@ def train_lora(base: Path, data: Path, out: Path, steps: int) -> Path:
     return out
 
 
-def draw_fn(base: Path, lora: Path, vae_whole: bool = False, **size):
+def draw_fn(base: Path, lora: Path, vae_whole: bool = False, whole_unet: bool = False, **size):
     settings = GenerateSettings([], steps=20, guidance=4.0, loras=[(str(lora), 1.0)], **size)
     pipe = load_pipeline(str(base), device="cpu")
     if vae_whole:  # a diagnosis: keep the VAE from decoding in its own blended tiles
         pipe.vae.enable_tiling = lambda *a, **k: None
     _, draw = prepared_pipeline(str(base), settings, pipe)
+    if whole_unet:  # a control: the UNet run on the whole canvas, as plain diffusers does (no tiles, no joins)
+        return lambda prompts, seeds: render(pipe, prompts, seeds, settings.steps, settings.guidance, "",
+                                             size["height"], size["width"])
     return draw
 
 
+# lines one latent pixel apart, modulo the 32 px tile: the moving grid puts a tile edge on each of them in turn, so
+# its joins are not only where side-by-side tiles meet (offset 0); a tile-free field scores the same lines
+LINE_FAMILIES = range(0, 32, 4)
+
+
+def line_family(offset: int, height: int = 64, width: int = 256) -> tuple[list[int], list[int]]:
+    return [r for r in range(offset, height, 32) if r], [c for c in range(offset, width, 32) if c]
+
+
 SEAM_VARIANTS = {"overlap_0.5": {}, "overlap_0.75": {"tile_overlap": 0.75}, "side_by_side": {"tile_overlap": 0.0},
-                 "seamless": {"seamless": True}, "seamless_overlap_0.75": {"seamless": True, "tile_overlap": 0.75}}
+                 "seamless": {"seamless": True}, "seamless_overlap_0.75": {"seamless": True, "tile_overlap": 0.75},
+                 "whole_unet": {"whole_unet": True}}
 
 
 def seams(base: Path, lora: Path, seeds: list[int], names: list[str]) -> dict:
@@ -93,6 +108,8 @@ def seams(base: Path, lora: Path, seeds: list[int], names: list[str]) -> dict:
                      "seam_score_random_interior_line": float(np.mean([seam_score(i, r, c)
                                                                         for i, (r, c) in zip(images, lines)])),
                      "images": len(images)}
+        by_family = {str(f): float(np.mean([seam_score(i, *line_family(f)) for i in images])) for f in LINE_FAMILIES}
+        out[name] |= {"seam_score_by_line_family": by_family, "seam_score_worst_line_family": max(by_family.values())}
     return out
 
 
