@@ -105,9 +105,13 @@ def prepare(work: Path, size: dict) -> tuple[Path, Path]:
     from ldm_finetune.models.stable_diffusion import build_pipeline
 
     if not (work / "data" / "train" / "metadata.jsonl").is_file():
-        volumes = write_phantoms(work / "volumes", (64, 128, 192), seed=0)
+        # at 512 px the phantom's slices are smaller than a tile: recipes_gpu.py's phantom, in 48-voxel tiles
+        # scaled up, every 8th slice (~1,500 training images)
+        large = size["resolution"] > 64
+        volumes = write_phantoms(work / "volumes", (96, 192, 256) if large else (64, 128, 192), seed=0)
+        tiling = dict(tile_size=48, stride=8) if large else {}
         run_prep(PrepConfig(volumes=[VolumeSpec(s, volumes[s]) for s in STATES], out=work / "data",
-                            resolution=size["resolution"]), show_progress=False)
+                            resolution=size["resolution"], **tiling), show_progress=False)
     model = work / f"{size['preset']}_random"
     if not (model / "model_index.json").exists():
         build_pipeline(size["preset"]).save_pretrained(model)  # random weights: the speed does not depend on them
@@ -123,17 +127,23 @@ def unet_step_flops(size: dict) -> float:
     from ldm_finetune.models.stable_diffusion import build_pipeline
     from ldm_finetune.training.config import LoraConfig
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a 512 px step on the CPU would take a minute
     pipe = build_pipeline(size["preset"])
     add_lora(pipe.unet, pipe.text_encoder, LoraConfig(rank=size["rank"], alpha=size["rank"]))
+    unet = pipe.unet.to(device)
     side = size["resolution"] // (2 ** (len(pipe.vae.config.block_out_channels) - 1))
-    x = torch.randn(size["batch"], 4, side, side)
-    states = torch.randn(size["batch"], 77, pipe.text_encoder.config.hidden_size)
+    x = torch.randn(size["batch"], 4, side, side, device=device)
+    states = torch.randn(size["batch"], 77, pipe.text_encoder.config.hidden_size, device=device)
     with FlopCounterMode(display=False) as counter:
-        pipe.unet(x, torch.full((size["batch"],), 500), states).sample.square().mean().backward()
+        unet(x, torch.full((size["batch"],), 500, device=device), states).sample.square().mean().backward()
+    del pipe, unet
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return counter.get_total_flops()
 
 
-def runs(size: dict, model: Path, data: Path, work: Path, on_gpu: bool) -> dict[str, tuple[str, list[str], str]]:
+def runs(size: dict, model: Path, data: Path, work: Path, peer: Path,
+         on_gpu: bool) -> dict[str, tuple[str, list[str], str]]:
     """name -> (target, arguments, launcher precision)."""
     steps = size["steps"]
     example = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--caption_column", "text",
@@ -152,7 +162,7 @@ def runs(size: dict, model: Path, data: Path, work: Path, on_gpu: bool) -> dict[
               "data.num_workers=0"]
     recipe = str(ROOT / "recipes" / "lora.yaml")
     out = {
-        "diffusers example": (str(PEER), example, size["precision"]),
+        "diffusers example": (str(peer), example, size["precision"]),
         "ours, same work": (recipe, [*common, f"output_dir={work / 'same'}", "data.cache_latents=none",
                                      "data.cache_text=false", f"train.mixed_precision={size['precision']}"],
                             size["precision"]),
@@ -162,6 +172,12 @@ def runs(size: dict, model: Path, data: Path, work: Path, on_gpu: bool) -> dict[
         full = [c for c in common if not c.startswith("lora.")]
         out["ours, full UNet"] = (str(ROOT / "recipes" / "full_finetune.yaml"),
                                   [*full, f"output_dir={work / 'full'}"], "no")
+        # the documented speed options on a batch that fits a 24 GB card (~1 GiB per image at 512 px); its
+        # images/s is the comparable figure, and the first step's compile time shows in the process wall time
+        best = [c for c in common if not c.startswith("train.batch_size")]
+        out["ours, best LoRA (batch 16, channels-last, compiled)"] = (
+            recipe, [*best, "train.batch_size=16", "model.channels_last=true", "model.compile=true",
+                     f"output_dir={work / 'best'}"], "no")
     return out
 
 
@@ -172,6 +188,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the median round is kept")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not an H100/H200/A100")
+    parser.add_argument("--peer", type=Path, default=PEER, help="diffusers' example script (default: %(default)s)")
+    parser.add_argument("--only", nargs="+", help="run only these runs (names as recorded)")
     args = parser.parse_args()
     import torch
 
@@ -184,39 +202,58 @@ def main() -> None:
     device = torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine()
     peak = peak_flops(device, args.peak_tflops) if on_gpu else None
     threads = torch.get_num_threads()
-    plan = runs(size, model, data, work, on_gpu)
+    plan = runs(size, model, data, work, args.peer.resolve(), on_gpu)  # launched from inside `work`
+    plan = {k: v for k, v in plan.items() if not args.only or k in args.only}
+    header = {"date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__, "threads": threads,
+              "settings": {**size, **SHARED, "alpha": size["rank"], "targets": "to_q, to_k, to_v, to_out.0"},
+              "unet_step_tflop": round(flops / 1e12, 4)}
+    path = RESULTS / f"peer_{args.size}{'' if on_gpu else '_cpu'}.json"
     rounds: dict[str, list[dict]] = {name: [] for name in plan}
     for _ in range(args.repeats):  # interleaved, so drift of the machine hits every run alike
         for name, (target, run_args, precision) in plan.items():
             start = time.perf_counter()
             memory = launch(work, target, run_args, precision, threads)
             wall = time.perf_counter() - start
-            out_dir = work / "example" if target == str(PEER) else \
-                Path(next(a.split("=", 1)[1] for a in run_args if a.startswith("output_dir=")))
-            times = example_times(out_dir / "logs") if target == str(PEER) else our_times(out_dir)
-            rounds[name].append({"step": median_step(times, args.warmup), "wall": wall, **memory})
+            is_example = target == str(args.peer.resolve())
+            out_dir = work / "example" if is_example else Path(option(run_args, "output_dir"))
+            times = example_times(out_dir / "logs") if is_example else our_times(out_dir)
+            batch = size["batch"] if is_example else int(option(run_args, "train.batch_size"))
+            rounds[name].append({"step": median_step(times, args.warmup), "wall": wall, "batch": batch, **memory})
             shutil.rmtree(out_dir, ignore_errors=True)  # the next round starts clean
             print(name, f"{rounds[name][-1]['step'] * 1000:.1f} ms/step", flush=True)
+            # written after every run, so a machine taken back mid-way still leaves the runs it finished
+            write_record(path, header, summarise(rounds, flops, size["batch"], peak))
+    print(f"wrote {path}")
+
+
+def option(run_args: list[str], key: str) -> str:
+    """The value of a key=value override; the last one wins, as in the recipe loader."""
+    return [a.split("=", 1)[1] for a in run_args if a.startswith(key + "=")][-1]
+
+
+def summarise(rounds: dict[str, list[dict]], flops: float, flops_batch: int, peak: float | None) -> dict:
     results = {}
     for name, measured in rounds.items():
-        step = statistics.median(m["step"] for m in measured)
-        results[name] = {"ms_per_step": round(step * 1000, 1), "images_per_s": round(size["batch"] / step, 1),
+        if not measured:
+            continue
+        step, batch = statistics.median(m["step"] for m in measured), measured[0]["batch"]
+        lora_flops = flops * batch / flops_batch  # a step's FLOPs grow linearly with the batch
+        results[name] = {"batch": batch, "ms_per_step": round(step * 1000, 1),
+                         "images_per_s": round(batch / step, 1),
                          "ms_per_step_each_round": [round(m["step"] * 1000, 1) for m in measured],
-                         "mfu": round(flops / step / peak, 3) if peak and "full" not in name else None,
+                         "mfu": round(lora_flops / step / peak, 3) if peak and "full" not in name else None,
                          "process_wall_s": round(statistics.median(m["wall"] for m in measured), 1),
                          "peak_rss_gib": max(m["peak_rss_gib"] for m in measured),
                          "peak_gpu_gib": measured[0]["peak_gpu_gib"]}
-    base = results["diffusers example"]["ms_per_step"]
-    for row in results.values():
-        row["speed_vs_example"] = round(base / row["ms_per_step"], 2)
-    record = {"date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
-              "threads": threads, "settings": {**size, **SHARED, "alpha": size["rank"],
-                                               "targets": "to_q, to_k, to_v, to_out.0"},
-              "unet_step_tflop": round(flops / 1e12, 4), "results": results}
+    example = results.get("diffusers example")
+    for row in results.values():  # images/s, so runs at another batch compare fairly
+        row["speed_vs_example"] = round(row["images_per_s"] / example["images_per_s"], 2) if example else None
+    return results
+
+
+def write_record(path: Path, header: dict, results: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"peer_{args.size}{'' if on_gpu else '_cpu'}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}")
+    path.write_text(json.dumps({**header, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
     python benchmarks/tiled_generation.py                 # trains the LoRA (a few minutes), then measures
     python benchmarks/tiled_generation.py --lora RUN_DIR  # an existing LoRA run on the mini base
+    python benchmarks/tiled_generation.py --gpu           # sampling throughput on a GPU (SD 2.1-base, 512 px)
 
 Measures, each in one run:
 - seam score (evaluation.metrics.seam_score): mean grey step across the joins of side-by-side 32 px tiles ÷ the same
@@ -189,30 +190,47 @@ def scaling(base: Path, lora: Path, sides: list[int]) -> list[dict]:
     return rows
 
 
-def throughput(base: Path, lora: Path, batch: int, rounds: int) -> dict:
+def throughput(base: Path, lora: Path | None, batch: int, rounds: int, steps: int = 20,
+               device: str = "cpu") -> dict:
     """images/s of generate's drawing vs diffusers' pipeline called directly (same scheduler, steps, batch, size),
     interleaved so that load on the machine hits both alike."""
-    settings = GenerateSettings([], steps=20, guidance=4.0, loras=[(str(lora), 1.0)])
-    pipe, draw = prepared_pipeline(str(base), settings, load_pipeline(str(base), device="cpu"))
+    settings = GenerateSettings([], steps=steps, guidance=4.0, loras=[(str(lora), 1.0)] if lora else [])
+    pipe, draw = prepared_pipeline(str(base), settings, load_pipeline(str(base), device=device))
     seeds = list(range(batch))
 
     def ours():
         draw([PROMPTS[0]], seeds)
 
     def plain():
-        pipe(PROMPTS[0], num_inference_steps=20, guidance_scale=4.0, num_images_per_prompt=batch,
+        pipe(PROMPTS[0], num_inference_steps=steps, guidance_scale=4.0, num_images_per_prompt=batch,
              generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np")
 
     times = {"ours": [], "diffusers": []}
     ours(), plain()  # warm-up
-    for _ in range(rounds):
-        for name, fn in (("ours", ours), ("diffusers", plain)):
+    for round_ in range(rounds):  # ABBA order: neither side always runs first
+        for name, fn in ((("ours", ours), ("diffusers", plain)) if round_ % 2 == 0 else
+                         (("diffusers", plain), ("ours", ours))):
             started = time.perf_counter()
-            fn()
+            fn()  # output_type="np": the images reach the host, so the GPU's work is inside the timing
             times[name].append(time.perf_counter() - started)
     best = {k: min(v) for k, v in times.items()}
-    return {"batch": batch, "steps": 20, "size": 32, "seconds_best": best,
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return {"batch": batch, "steps": steps, "size": side, "dtype": str(pipe.unet.dtype), "seconds_best": best,
+            "images_per_s": {k: round(batch / v, 2) for k, v in best.items()},
             "ours_over_diffusers_throughput": best["diffusers"] / best["ours"]}
+
+
+def gpu_throughput(batch: int = 8, steps: int = 25, rounds: int = 6) -> dict:
+    """Part 4 on a GPU: the SD 2.1-base architecture (random weights: the speed does not depend on them) at its
+    native 512 px, fp16, no LoRA, so both sides run the same UNet."""
+    from ldm_finetune.models.stable_diffusion import build_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "sd21_random"
+        build_pipeline("sd21").save_pretrained(model)
+        result = throughput(model, None, batch, rounds, steps, device="cuda")
+    return {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "model": "sd21 architecture, random weights", "throughput_vs_diffusers": result}
 
 
 def main() -> None:
@@ -226,7 +244,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--variants", nargs="+", choices=sorted(set(SEAM_VARIANTS) | set(CROP_VARIANTS)),
                         help="only these variants in the seams and crops parts (merged into what is recorded)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="part 4 on the GPU only (SD 2.1-base architecture, 512 px, 25 steps, batch 8)")
     args = parser.parse_args()
+    if args.gpu:
+        RESULTS.mkdir(exist_ok=True)
+        result = gpu_throughput()
+        print(json.dumps(result), flush=True)
+        (RESULTS / "tiled_generation_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        return
     torch.set_num_threads(args.threads)
     base = shipped_mini_base()
     path = RESULTS / "tiled_generation_cpu.json"
