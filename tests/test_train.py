@@ -146,6 +146,18 @@ def test_latent_and_text_caches_do_not_change_training(tiny_model_dir, small_tra
     assert len(list((tmp_path / "disk" / "cache").glob("latents-*.safetensors"))) == 1
 
 
+def test_frozen_encoders_run_as_the_caches_encode_under_mixed_precision(tiny_model_dir, small_train_dir, tmp_path):
+    """With bf16 the uncached step encodes images and captions outside the step's autocast, in the frozen weights'
+    own dtype, exactly as the caches do, so caching still changes nothing (under autocast it did)."""
+    losses = {}
+    for mode in ("none", "memory"):
+        out = tmp_path / mode
+        assert run_train(*lora_overrides(tiny_model_dir, small_train_dir, out, **{
+            "data.cache_latents": mode, "data.cache_text": mode != "none", "train.mixed_precision": "bf16"})) == 0
+        losses[mode] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses["none"] == pytest.approx(losses["memory"], rel=1e-5)
+
+
 def test_noise_options_and_text_encoder_lora_train(tiny_model_dir, small_train_dir, tmp_path):
     out = tmp_path / "v"
     assert run_train(*lora_overrides(tiny_model_dir, small_train_dir, out, **{

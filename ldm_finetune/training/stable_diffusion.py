@@ -135,7 +135,16 @@ class StableDiffusionTask(Task):
         if self.text_cache is not None:
             return torch.stack([self.text_cache[c] for c in captions]).to(device, self.weight_dtype)
         ids = tokenize(self.components.tokenizer, captions).to(device)
-        return self.text_encoder(ids)[0]  # (B, 77, D)
+        if self.cfg.text_encoder_trains:
+            return self.text_encoder(ids)[0]  # (B, 77, D)
+        with torch.no_grad(), self.frozen_precision():
+            return self.text_encoder(ids)[0]
+
+    def frozen_precision(self):
+        """The frozen encoders run in their own weights' dtype, outside the step's autocast, as the caches encode
+        and as diffusers' training examples run them: bf16 autocast would run the VAE's group norms at full
+        resolution in fp32, and fp16 autocast would run the VAE kept in fp32 (fp16 overflows in it) in fp16."""
+        return torch.autocast(self.accelerator.device.type, enabled=False)
 
     def use_schedule(self, noise_scheduler) -> None:
         """The training schedule, the diffusion objective on it and the DreamBooth prior wrapping that objective."""
@@ -151,8 +160,9 @@ class StableDiffusionTask(Task):
             latents = sample_latents(moments[batch[prefix + "index"].cpu()], scaling)
         else:
             pixels = batch[prefix + "pixel_values"].to(self.accelerator.device, self.vae_dtype)
-            with torch.no_grad():
-                latents = self.components.vae.encode(pixels).latent_dist.sample() * scaling
+            with torch.no_grad(), self.frozen_precision():
+                moments = self.components.vae.encode(pixels).latent_dist.parameters.float()
+            latents = sample_latents(moments, scaling)  # drawn in fp32, as from the cache
         return latents.to(self.accelerator.device, self.weight_dtype)
 
     def loss(self, batch: dict):
