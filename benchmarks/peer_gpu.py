@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not an H100/H200/A100")
     parser.add_argument("--peer", type=Path, default=PEER, help="diffusers' example script (default: %(default)s)")
     parser.add_argument("--only", nargs="+", help="run only these runs (names as recorded)")
+    parser.add_argument("--out", type=Path, help="the record (default: results/peer_<size>[_cpu].json)")
     args = parser.parse_args()
     import torch
 
@@ -207,7 +208,7 @@ def main() -> None:
     header = {"date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__, "threads": threads,
               "settings": {**size, **SHARED, "alpha": size["rank"], "targets": "to_q, to_k, to_v, to_out.0"},
               "unet_step_tflop": round(flops / 1e12, 4)}
-    path = RESULTS / f"peer_{args.size}{'' if on_gpu else '_cpu'}.json"
+    path = args.out or RESULTS / f"peer_{args.size}{'' if on_gpu else '_cpu'}.json"
     rounds: dict[str, list[dict]] = {name: [] for name in plan}
     for _ in range(args.repeats):  # interleaved, so drift of the machine hits every run alike
         for name, (target, run_args, precision) in plan.items():
@@ -252,7 +253,7 @@ def summarise(rounds: dict[str, list[dict]], flops: float, flops_batch: int, pea
 
 
 def write_record(path: Path, header: dict, results: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**header, "results": results}, indent=1) + "\n")
 
 
