@@ -3,6 +3,7 @@ so both are measured back to back), with the thread counts the demo chose (core/
 
     python benchmarks/demo_under_load.py            # the default demo, twice
     python benchmarks/demo_under_load.py --neighbour-threads 2
+    python benchmarks/demo_under_load.py --keep /tmp/demo   # keeps the idle run's folder for demo_concepts.py
 
 The neighbour is a process that keeps `--neighbour-threads` cores busy with matrix products (another training job,
 say). Goal (issue 23): loaded time <= 2x idle time on 2 cores. Results: results/demo_under_load.json.
@@ -65,10 +66,12 @@ def headline(metrics: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--neighbour-threads", type=int, default=1)
+    parser.add_argument("--keep", type=Path, help="run the idle demo into this folder and keep it (for "
+                        "demo_concepts.py); the loaded one is always discarded")
     parser.add_argument("demo_args", nargs="*", help="extra `ldm-finetune demo` flags")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        idle = run_demo(Path(tmp) / "idle", args.demo_args)
+        idle = run_demo(args.keep or Path(tmp) / "idle", args.demo_args)
         print("idle", idle, flush=True)
         neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, str(args.neighbour_threads)])
         try:
