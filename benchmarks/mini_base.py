@@ -4,6 +4,7 @@ the same VAE architecture trained on phantom slices for the same number of steps
 
     python benchmarks/mini_base.py                      # builds the default mini base (or uses --base DIR)
     python benchmarks/mini_base.py --base /tmp/mb_full  # an existing build
+    python benchmarks/mini_base.py --guidance 2.5 4 7.5  # only: the shipped base's generations per guidance scale
 
 Reconstruction is measured at the demo's fine-tuning resolution (64 px) on the phantom's validation slices.
 Results go to results/mini_base_cpu.json.
@@ -29,7 +30,14 @@ from data_prep.prep import run_prep
 from ldm_finetune.data.world import world_samples
 from ldm_finetune.training.fit import fit
 from ldm_finetune.models.world_probe import load_probe
-from ldm_finetune.training.mini_base import MiniBaseSettings, VaeTask, build_mini_base, vae_phase_config
+from ldm_finetune.training.mini_base import (
+    MiniBaseSettings,
+    VaeTask,
+    build_mini_base,
+    score_base,
+    shipped_mini_base,
+    vae_phase_config,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -103,12 +111,33 @@ def world_reconstruction(vae: AutoencoderKL, probe, n: int = 512, seed: int = 77
             "probe_colour": round(float(np.mean([c["colour"] for c in checks if "colour" in c])), 4)}
 
 
+def guidance_sweep(base: Path, scales: list[float], seeds: int, out: Path) -> None:
+    """The world probe's verdict on the base's generations per guidance scale (the build scores one scale)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None)
+    probe = load_probe(base)
+    record = json.loads(out.read_text()) if out.is_file() else {}
+    sweep = {"seeds": seeds, "threads": torch.get_num_threads(), "by_guidance": {}}
+    for scale in scales:
+        sweep["by_guidance"][str(scale)] = {k: round(v, 4) for k, v in score_base(pipe, probe, seeds, scale).items()}
+        print(scale, sweep["by_guidance"][str(scale)], flush=True)
+    record["generations_by_guidance"] = sweep
+    out.write_text(json.dumps(record, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, help="an existing mini base folder (default: build one here)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--out", type=Path, default=RESULTS / "mini_base_cpu.json")
+    parser.add_argument("--guidance", type=float, nargs="+",
+                        help="only score the base's own generations (34 world prompts, DDIM 20) at these guidance "
+                             "scales, --seeds each, into the record's generations_by_guidance")
+    parser.add_argument("--seeds", type=int, default=6, help="with --guidance: generations per prompt")
     args = parser.parse_args()
+    if args.guidance:
+        return guidance_sweep(args.base or shipped_mini_base(), args.guidance, args.seeds, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = args.base
