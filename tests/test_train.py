@@ -133,14 +133,20 @@ def test_resume_replays_the_same_run_exactly(tiny_model_dir, small_train_dir, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def losses_per_cache_mode(model_dir, train_dir, tmp_path, modes, **extra) -> dict:
+    """{mode: the loss of every step} of one short LoRA run per latent-cache mode (text cached unless "none")."""
+    losses = {}
+    for mode in modes:
+        out = tmp_path / mode
+        assert run_train(*lora_overrides(model_dir, train_dir, out, **{
+            "data.cache_latents": mode, "data.cache_text": mode != "none", **extra})) == 0
+        losses[mode] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return losses
+
+
 def test_latent_and_text_caches_do_not_change_training(tiny_model_dir, small_train_dir, tmp_path):
     """Cached VAE posteriors are sampled like on-the-fly encoding, so the losses match step for step."""
-    losses = {}
-    for mode in ("none", "memory", "disk"):
-        out = tmp_path / mode
-        assert run_train(*lora_overrides(tiny_model_dir, small_train_dir, out, **{
-            "data.cache_latents": mode, "data.cache_text": mode != "none"})) == 0
-        losses[mode] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = losses_per_cache_mode(tiny_model_dir, small_train_dir, tmp_path, ("none", "memory", "disk"))
     assert losses["none"] == pytest.approx(losses["memory"], rel=1e-5)
     assert losses["memory"] == losses["disk"]
     assert len(list((tmp_path / "disk" / "cache").glob("latents-*.safetensors"))) == 1
@@ -149,12 +155,8 @@ def test_latent_and_text_caches_do_not_change_training(tiny_model_dir, small_tra
 def test_frozen_encoders_run_as_the_caches_encode_under_mixed_precision(tiny_model_dir, small_train_dir, tmp_path):
     """With bf16 the uncached step encodes images and captions outside the step's autocast, in the frozen weights'
     own dtype, exactly as the caches do, so caching still changes nothing (under autocast it did)."""
-    losses = {}
-    for mode in ("none", "memory"):
-        out = tmp_path / mode
-        assert run_train(*lora_overrides(tiny_model_dir, small_train_dir, out, **{
-            "data.cache_latents": mode, "data.cache_text": mode != "none", "train.mixed_precision": "bf16"})) == 0
-        losses[mode] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = losses_per_cache_mode(tiny_model_dir, small_train_dir, tmp_path, ("none", "memory"),
+                                   **{"train.mixed_precision": "bf16"})
     assert losses["none"] == pytest.approx(losses["memory"], rel=1e-5)
 
 
