@@ -318,3 +318,26 @@ def test_typed_results_write_only_what_was_measured():
     assert plain["memorisation"]["models"]["m"]["near_copies"] == [
         {"generated": "gen/0.png", "training": "train/3.png", "ncc": 0.99}]
     assert "validation_ncc_p99" not in plain["memorisation"]
+
+
+def test_held_out_real_slices_score_one_floor_at_the_set_size(prep_dataset):
+    """The floor is measured at the generated set's size, so 8 held-out real slices per class score about 1x on
+    every distance. (A floor from every validation slice put 8 real slices at 2-3x: the noise of a small set.)"""
+    from ldm_finetune.evaluation import metrics as M
+    from ldm_finetune.evaluation.evaluate import fidelity, measure
+    from ldm_finetune.evaluation.imagesets import ImageSet, load_real
+    from ldm_finetune.evaluation.report import DISTANCES
+
+    train, val = load_real(prep_dataset, "train", None), load_real(prep_dataset, "validation", None)
+    thresholds = M.multi_otsu(train.images, 3)
+    measured_train, measured_val = measure(train, thresholds), measure(val, thresholds)
+    rng = np.random.default_rng(1)
+    ratios = []
+    for _ in range(3):
+        pick = np.concatenate([rng.choice(np.flatnonzero(np.array(val.classes) == c), 8, replace=False)
+                               for c in val.known_classes()])
+        held_out = ImageSet("held-out", val.images[pick], [val.classes[i] for i in pick], [val.paths[i] for i in pick])
+        result = fidelity(measured_train, measured_val, {"held-out": measure(held_out, thresholds)}, 2, 0, [])
+        ratios += [entry.models["held-out"].values[d] / entry.floor_of("held-out")[d]
+                   for entry in result.values() for d in DISTANCES + ["swd"] if entry.floor_of("held-out")[d] > 0]
+    assert 0.7 < np.mean(ratios) < 1.4, np.mean(ratios)

@@ -71,8 +71,8 @@ def bootstrap(real: Stats, other: Stats, glcm_scale, rounds: int, seed: int) -> 
 
 def fidelity(train: Measured, val: Measured, generated: dict[str, Measured], rounds: int, seed: int,
              skipped: list) -> dict[str, ConceptFidelity]:
-    """Per class: each distance for every generated set with its interval, the real-vs-real floor, and the mean
-    curves (power spectrum, two-point) the report plots."""
+    """Per class: each distance for every generated set with its interval, the real-vs-real floor at that set's
+    number of images, and the mean curves (power spectrum, two-point) the report plots."""
     classes = _shared_classes(train.images, {n: g.images for n, g in generated.items()})
     out = {}
     for cls in classes:
@@ -85,15 +85,19 @@ def fidelity(train: Measured, val: Measured, generated: dict[str, Measured], rou
         entry = ConceptFidelity(len(t_images), {"real": _curves(t_stats)})
         v_images, v_stats = val.of_class(cls) if val.stats is not None else (val.images, None)
         # SWD estimates grow as samples shrink: every SWD of this class uses the same number of images
-        sizes = [len(t_images), len(v_images)] + [len(g.of_class(cls)[0]) for g in generated.values()]
+        g_sizes = [n for n in (len(g.of_class(cls)[0]) for g in generated.values()) if n >= MIN_IMAGES]
+        sizes = [len(t_images), len(v_images)] + g_sizes
         n_swd = max(MIN_IMAGES, min([SWD_IMAGES] + [n for n in sizes if n >= MIN_IMAGES]))
         entry.swd_images = n_swd
-        train_pyramid = M.laplacian_pyramid(t_images.images[:n_swd], M.pyramid_levels(t_images.images))
+        rng = np.random.default_rng(seed)
+        # a random n_swd of the training slices: the first ones come from a few neighbouring slices
+        t_swd = t_images.images[np.sort(rng.choice(len(t_images), n_swd, replace=False))]
+        train_pyramid = M.laplacian_pyramid(t_swd, M.pyramid_levels(t_swd))
+        floor = None
         if v_stats is not None and len(v_images) >= MIN_IMAGES:
-            entry.floor = set_distances(t_stats, v_stats, scale)
-            entry.floor["swd"] = float(np.mean(M.pyramid_swd(t_images.images, v_images.images, seed=seed,
-                                                             max_images=n_swd, pyramid_a=train_pyramid)))
-            entry.floor.update({f"prdc_{k}": v for k, v in _prdc(t_stats, v_stats).items()})
+            floor = RealFloor(t_swd, train_pyramid, t_stats, v_images.images, v_stats, scale, seed)
+            n_common = min(g_sizes + [len(v_images)])  # the report's floor row: the smallest set's
+            entry.floor = floor.at(n_common) | {f"prdc_{k}": v for k, v in _prdc(t_stats, v_stats).items()}
         else:
             skipped.append({"what": f"floor {key}", "reason": f"only {len(v_images)} validation images"})
         for name, gen in generated.items():
@@ -103,13 +107,51 @@ def fidelity(train: Measured, val: Measured, generated: dict[str, Measured], rou
                                 f"images (at least {MIN_IMAGES} needed)"})
                 continue
             values = set_distances(t_stats, g_stats, scale)
-            values["swd"] = float(np.mean(M.pyramid_swd(t_images.images, g_images.images, seed=seed,
-                                                        max_images=n_swd, pyramid_a=train_pyramid)))
+            values["swd"] = float(np.mean(M.pyramid_swd(t_swd, g_images.images, seed=seed, max_images=n_swd,
+                                                        pyramid_a=train_pyramid)))
             values.update({f"prdc_{k}": v for k, v in _prdc(t_stats, g_stats).items()})
-            entry.models[name] = ModelFidelity(len(g_images), values, bootstrap(t_stats, g_stats, scale, rounds, seed))
+            row = ModelFidelity(len(g_images), values, bootstrap(t_stats, g_stats, scale, rounds, seed))
+            if floor is not None and floor.size(len(g_images)) != floor.size(n_common):
+                row.floor = entry.floor | floor.at(len(g_images))  # a set of another size: the floor at its size
+            entry.models[name] = row
             entry.curves[name] = _curves(g_stats)
         out[key] = entry
     return out
+
+
+FLOOR_DRAWS = 8  # random draws of validation slices averaged into a floor
+
+
+class RealFloor:
+    """The real-vs-real floor of one class at n images: the mean distance between the training slices and n
+    validation slices drawn at random (FLOOR_DRAWS draws). A generated set of n images is measured the same way, so
+    n held-out real slices score about 1x whatever n is. (A floor from every validation slice against 8 generated
+    images put 8 held-out real slices at 2-3x the floor: the sampling noise of a small set, not a model's fault.)"""
+
+    def __init__(self, t_swd, train_pyramid, t_stats: Stats, v_images: np.ndarray, v_stats: Stats, scale, seed: int):
+        self.t_swd, self.train_pyramid, self.t_stats = t_swd, train_pyramid, t_stats
+        self.v_images, self.v_stats, self.scale, self.seed = v_images, v_stats, scale, seed
+        self.cache: dict[int, dict[str, float]] = {}
+        self.swd: float | None = None
+
+    def size(self, n: int) -> int:
+        return min(n, len(self.v_images))
+
+    def _draws(self, n: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        return [rng.choice(len(self.v_images), self.size(n), replace=False) for _ in range(FLOOR_DRAWS)]
+
+    def at(self, n: int) -> dict[str, float]:
+        n = self.size(n)
+        if n not in self.cache:
+            rows = [set_distances(self.t_stats, self.v_stats.take(d), self.scale) for d in self._draws(n)]
+            self.cache[n] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        if self.swd is None:  # every SWD of the class compares len(t_swd) images a side
+            self.swd = float(np.mean([np.mean(M.pyramid_swd(self.t_swd, self.v_images[d], seed=self.seed,
+                                                            max_images=len(self.t_swd),
+                                                            pyramid_a=self.train_pyramid))
+                                      for d in self._draws(len(self.t_swd))]))
+        return self.cache[n] | {"swd": self.swd}
 
 
 def _curves(stats: Stats) -> dict:
@@ -303,7 +345,7 @@ def _score_at_own_size(side: int, generated: dict[str, ImageSet], real_train: Im
     for cls, entry in fidelity(train, val, measured, rounds, seed, results.skipped).items():
         target = results.fidelity.setdefault(cls, ConceptFidelity(entry.n_real, {}))
         for name, row in entry.models.items():
-            row.size, row.floor = side, entry.floor or {}
+            row.size, row.floor = side, row.floor or entry.floor or {}
             target.models[name] = row
             target.curves[f"{name} ({side} px)"] = entry.curves[name]
     clf = classifier(train, val, measured, results.skipped)
