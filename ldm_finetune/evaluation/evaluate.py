@@ -20,7 +20,7 @@ import numpy as np
 from ldm_finetune.core.classes import split_class
 from ldm_finetune.evaluation import metrics as M
 from ldm_finetune.evaluation.imagesets import ImageSet, check_sizes, load_generated, load_real, resized
-from ldm_finetune.evaluation.registry import set_distances
+from ldm_finetune.evaluation.registry import floor_at, floor_draws, set_distances
 from ldm_finetune.evaluation.report import write_report
 from ldm_finetune.evaluation.results import (
     ClassifierResult,
@@ -119,14 +119,9 @@ def fidelity(train: Measured, val: Measured, generated: dict[str, Measured], rou
     return out
 
 
-FLOOR_DRAWS = 8  # random draws of validation slices averaged into a floor
-
-
 class RealFloor:
-    """The real-vs-real floor of one class at n images: the mean distance between the training slices and n
-    validation slices drawn at random (FLOOR_DRAWS draws). A generated set of n images is measured the same way, so
-    n held-out real slices score about 1x whatever n is. (A floor from every validation slice against 8 generated
-    images put 8 held-out real slices at 2-3x the floor: the sampling noise of a small set, not a model's fault.)"""
+    """The real-vs-real floor of one class at n images (registry.floor_at), and its SWD at the class's SWD size. A
+    generated set of n images is measured against the floor at n, so n held-out real slices score about 1x."""
 
     def __init__(self, t_swd, train_pyramid, t_stats: Stats, v_images: np.ndarray, v_stats: Stats, scale, seed: int):
         self.t_swd, self.train_pyramid, self.t_stats = t_swd, train_pyramid, t_stats
@@ -137,20 +132,15 @@ class RealFloor:
     def size(self, n: int) -> int:
         return min(n, len(self.v_images))
 
-    def _draws(self, n: int) -> list[np.ndarray]:
-        rng = np.random.default_rng(self.seed)
-        return [rng.choice(len(self.v_images), self.size(n), replace=False) for _ in range(FLOOR_DRAWS)]
-
     def at(self, n: int) -> dict[str, float]:
         n = self.size(n)
         if n not in self.cache:
-            rows = [set_distances(self.t_stats, self.v_stats.take(d), self.scale) for d in self._draws(n)]
-            self.cache[n] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            self.cache[n] = floor_at(self.t_stats, self.v_stats, n, self.scale, self.seed)
         if self.swd is None:  # every SWD of the class compares len(t_swd) images a side
             self.swd = float(np.mean([np.mean(M.pyramid_swd(self.t_swd, self.v_images[d], seed=self.seed,
                                                             max_images=len(self.t_swd),
                                                             pyramid_a=self.train_pyramid))
-                                      for d in self._draws(len(self.t_swd))]))
+                                      for d in floor_draws(len(self.v_images), len(self.t_swd), self.seed)]))
         return self.cache[n] | {"swd": self.swd}
 
 

@@ -98,14 +98,32 @@ def set_distances(real: Stats, other: Stats, glcm_scale: np.ndarray) -> dict[str
     return {m.name: m.distance(real, other, glcm_scale) for m in table("fidelity") if m.distance is not None}
 
 
+FLOOR_DRAWS = 8  # random draws of real slices averaged into a floor
+
+
+def floor_draws(available: int, n: int, seed: int) -> list[np.ndarray]:
+    """FLOOR_DRAWS random choices of min(n, available) of `available` images (seeded: the same floor each run)."""
+    rng = np.random.default_rng(seed)
+    return [rng.choice(available, min(n, available), replace=False) for _ in range(FLOOR_DRAWS)]
+
+
+def floor_at(real: Stats, real_other: Stats, n: int, glcm_scale: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """The real-vs-real floor for a set of n images: each distance between `real` and n images of `real_other`
+    drawn at random, averaged over the draws. Small sets sit far from any reference by sampling noise alone, so a
+    floor from all of `real_other` would put n real slices at several floors (8 per class: 2-3x)."""
+    rows = [set_distances(real, real_other.take(d), glcm_scale) for d in floor_draws(len(real_other.hist), n, seed)]
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
 def distance_in_floors(real: np.ndarray, real_other: np.ndarray, generated: np.ndarray) -> float:
     """One number for "how far from the real set" of grey image stacks (N, H, W): each fidelity distance divided by
-    its real-vs-real floor (the report's "x floor"), averaged over the distances, so that no single statistic decides
-    (1.0: as close as two real sets). Phases and the GLCM scale come from `real`."""
+    its real-vs-real floor at the generated set's size (the report's "x floor"), averaged over the distances, so
+    that no single statistic decides (1.0: as close as real held-out slices). Phases and the GLCM scale come from
+    `real`."""
     thresholds = M.multi_otsu(real, 3)
     stats = compute_stats(real, thresholds)
     scale = stats.glcm.std(0) + 1e-8
-    floor = set_distances(stats, compute_stats(real_other, thresholds), scale)
+    floor = floor_at(stats, compute_stats(real_other, thresholds), len(generated), scale)
     d = set_distances(stats, compute_stats(generated, thresholds), scale)
     return float(np.mean([d[k] / floor[k] for k in floor]))
 

@@ -108,8 +108,9 @@ def _summary(results: EvaluationResults) -> str:
         label = html.escape(m) + (f" ({side} px)" if side else "")
         rows.append(f"<tr><td>{label}</td>{''.join(cells)}<td>{acc_text}</td><td>{innov_text}</td>"
                     f"<td>{'-' if copies is None else f'{copies:.0%}'}</td></tr>")
-    return ("<table>" + "".join(rows) + "</table><p>Distances are divided by the same distance between real training "
-            "and validation slices (the floor): about 1× is as close as two real sets; green &lt; 2×, red &gt; 5×. "
+    return ("<table>" + "".join(rows) + "</table><p>Distances are divided by the same distance between the real "
+            "training slices and as many validation slices as the set has, drawn at random (the floor): about 1× "
+            "is as close as real held-out slices are; green &lt; 2×, red &gt; 5×. "
             "Innovation is the mean RMS distance to the nearest training slice; validation slices (new by "
             "construction) give the reference. A model marked (N px) makes smaller images than the real slices: it is "
             "scored at its own size, against the real slices resized down to N px, with the floor and the "
@@ -131,7 +132,7 @@ def _concept(name: str, entry: ConceptFidelity, real, generated: dict) -> str:
     head = "<tr><th>set</th>" + "".join(f"<th>{LABELS[k]}</th>" for k in keys) + "</tr>"
     rows = [head]
     if entry.floor is not None:
-        rows.append("<tr><td>floor: validation vs train</td>" + "".join(f"<td>{_fmt(entry.floor.get(k))}</td>"
+        rows.append("<tr><td>floor: validation vs train (as many images)</td>" + "".join(f"<td>{_fmt(entry.floor.get(k))}</td>"
                                                                        for k in keys) + "</tr>")
     for side in sorted({r.size for r in entry.models.values() if r.size is not None}):
         floor = next(r.floor for r in entry.models.values() if r.size == side)
