@@ -43,6 +43,9 @@ VARIANTS = {
     # 1.76x cheaper steps (0.30 s against 0.52 s at batch 16 on 2 threads): 850 steps in the demo's 500-step time
     "narrow_850": {"model.base_channels": 16, "model.channel_mult": "[1,2,4]", "model.norm_num_groups": 8,
                    "train.max_steps": 850},
+    # twice the steps: the demo ran in 490 s of its 720 s budget (results/demo_under_load.json), 0.38 s a step
+    "long_1000": {"train.max_steps": 1000, "ema.decay": 0.995},
+    "long_1000_cosine": {"train.max_steps": 1000, "ema.decay": 0.995, "train.lr_scheduler": "cosine"},
 }
 
 
@@ -97,6 +100,8 @@ def main() -> None:
     parser.add_argument("--seed-sets", type=int, default=1,
                         help="score this many disjoint sets of the demo's seeds (0-7, 8-15, ...): the evaluation's "
                              "own spread, and a mean")
+    parser.add_argument("--label", default="", help="appended to each variant's key in the record (e.g. to keep "
+                        "scores made under another evaluation apart)")
     args = parser.parse_args()
     sampler = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.sampler)}
     record = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -112,7 +117,7 @@ def main() -> None:
         if len(sets) > 1:
             entry["seed_sets"] = {key: [row[key] for row in sets] for key in ("grey", "swd", "phase", "accuracy")}
             entry["mean"] = {key: round(sum(v) / len(v), 3) for key, v in entry["seed_sets"].items()}
-        key = name + "".join(f" {k}={v}" for k, v in sorted(sampler.items()))
+        key = name + "".join(f" {k}={v}" for k, v in sorted(sampler.items())) + args.label
         record.setdefault("variants", {})[key] = record.get("variants", {}).get(key, {}) | entry
         print(json.dumps({key: entry}), flush=True)
         RESULTS.write_text(json.dumps(record, indent=2) + "\n")

@@ -420,6 +420,8 @@ def _sample_command(command) -> None:
     setting(p, "--steps", SampleSettings, "DDIM steps")
     setting(p, "--eta", SampleSettings, "DDIM eta: 0 deterministic, 1 DDPM-like")
     setting(p, "--guidance", SampleSettings, "classifier-free guidance scale (1: none)")
+    setting(p, "--guidance-rescale", SampleSettings, "share of the guided image's contrast brought back to the "
+            "conditional one's (Lin et al. 2024; 0: off)", metavar="F")
     setting(p, "--seed", SampleSettings, "sampling seed")
     p.add_argument("--trajectory", metavar="T1,T2,...", help="also save x_t at these timesteps (e.g. 999,500,100)")
     setting(p, "--bits", SampleSettings, "PNG bit depth", choices=[8, 16])

@@ -86,6 +86,32 @@ def test_sampling_guidance_seed_and_trajectory(pixel_run, tmp_path, run_cli):
     assert record["trajectory"] == [999, 666] and record["class"] == "dry/thickness"
 
 
+def test_guidance_rescale_gives_each_image_the_conditional_contrast():
+    """Rescale 1: every image keeps the guided estimate's mean and takes the conditional one's spread; 0: untouched;
+    between: the mix."""
+    from ldm_finetune.models.pixel_unet import rescaled_guidance
+
+    g = torch.Generator().manual_seed(0)
+    guided, cond = 3 * torch.randn(4, 1, 8, 8, generator=g) + 0.5, torch.randn(4, 1, 8, 8, generator=g)
+    full = rescaled_guidance(guided, cond, 1.0)
+    torch.testing.assert_close(full.std((1, 2, 3)), cond.std((1, 2, 3)))
+    torch.testing.assert_close(full.mean((1, 2, 3)), guided.mean((1, 2, 3)))
+    torch.testing.assert_close(rescaled_guidance(guided, cond, 0.0), guided)
+    torch.testing.assert_close(rescaled_guidance(guided, cond, 0.3), 0.3 * full + 0.7 * guided)
+
+
+def test_guidance_rescale_reaches_the_sampler_only_when_guided(pixel_run, tmp_path, run_cli):
+    def sample(name, *extra):
+        code, _, err = run_cli("sample", "--model", pixel_run / "model", "--class", "dry/thickness", "--n", "2",
+                               "--steps", "4", "--bits", "16", "--out", tmp_path / name, *extra)
+        assert code == 0, err
+        return read_pngs(tmp_path / name)
+
+    assert not np.array_equal(sample("g", "--guidance", "3"), sample("r", "--guidance", "3", "--guidance-rescale", "1"))
+    np.testing.assert_array_equal(sample("u", "--guidance-rescale", "1"), sample("p"))  # unguided: nothing to rescale
+    assert json.loads((tmp_path / "r" / "sampling.json").read_text())["guidance_rescale"] == 1.0
+
+
 def test_ddpm_sampler_runs_all_steps(pixel_run, tmp_path, run_cli):
     code, _, err = run_cli("sample", "--model", pixel_run, "--class", "injected/thickness", "--n", "1",
                            "--sampler", "ddpm", "--bits", "16", "--out", tmp_path / "d")
@@ -142,6 +168,7 @@ def test_sample_tiff_refuses_a_bad_window(pixel_run, tmp_path, run_cli):
     (["--class", "wet/warp"], "--class 'wet/warp' is not a class of this model"),
     ([], "this model is class-conditional; choose one of"),
     (["--class", "dry/thickness", "--trajectory", "1200"], "timesteps run from 999"),
+    (["--class", "dry/thickness", "--guidance-rescale", "1.5"], "--guidance-rescale 1.5: a share from 0"),
 ])
 def test_sample_bad_inputs(pixel_run, tmp_path, run_cli, args, message):
     code, _, err = run_cli("sample", "--model", pixel_run / "model", "--n", "1", "--steps", "2",

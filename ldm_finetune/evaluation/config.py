@@ -94,8 +94,12 @@ class SamplerSettings:
     pixel_steps: int = 50
     pixel_eta: float = 0.0  # DDIM eta of the pixel DDPM (1: stochastic, better for a briefly trained model)
     pixel_guidance: float = 1.0
+    pixel_guidance_rescale: float = 0.0  # generation/settings.py SampleSettings.guidance_rescale
 
     def __post_init__(self):
+        if not 0.0 <= self.pixel_guidance_rescale <= 1.0:
+            raise UserError(f"sampler.pixel_guidance_rescale: {self.pixel_guidance_rescale} is not a share; give "
+                            "0 (off) to 1")
         for key in ("resolution", "probe_resolution"):
             side = getattr(self, key)
             if side is not None and side <= 0:
@@ -210,7 +214,7 @@ def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: 
             loaded[entry.model] = load_pixel_model(entry.model)
         model = loaded[entry.model]
         images, _ = model.sample(1, cls, s.pixel_sampler, s.pixel_steps, eta=s.pixel_eta, guidance=s.pixel_guidance,
-                                 seed=seed)
+                                 seed=seed, guidance_rescale=s.pixel_guidance_rescale)
     else:
 
         key = ("local-score", cls)

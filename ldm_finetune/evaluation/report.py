@@ -132,8 +132,8 @@ def _concept(name: str, entry: ConceptFidelity, real, generated: dict) -> str:
     head = "<tr><th>set</th>" + "".join(f"<th>{LABELS[k]}</th>" for k in keys) + "</tr>"
     rows = [head]
     if entry.floor is not None:
-        rows.append("<tr><td>floor: validation vs train (as many images)</td>" + "".join(f"<td>{_fmt(entry.floor.get(k))}</td>"
-                                                                       for k in keys) + "</tr>")
+        cells = "".join(f"<td>{_fmt(entry.floor.get(k))}</td>" for k in keys)
+        rows.append(f"<tr><td>floor: validation vs train (as many images)</td>{cells}</tr>")
     for side in sorted({r.size for r in entry.models.values() if r.size is not None}):
         floor = next(r.floor for r in entry.models.values() if r.size == side)
         rows.append(f"<tr><td>floor at {side} px</td>" + "".join(f"<td>{_fmt(floor.get(k))}</td>" for k in keys)

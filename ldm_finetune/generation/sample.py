@@ -60,6 +60,8 @@ def sample_images(s: SampleSettings) -> list[Path]:
     trajectory = _trajectory_steps(s.trajectory, s.sampler, s.steps) if s.trajectory else []
     if s.n < 1:
         raise UserError(f"--n {s.n}: ask for at least one image")
+    if not 0.0 <= s.guidance_rescale <= 1.0:
+        raise UserError(f"--guidance-rescale {s.guidance_rescale}: a share from 0 (off) to 1 (the whole rescale)")
     if s.baseline == "local-score" and s.train_dir is None:
         raise UserError("--baseline local-score needs --train-dir (a prep output's train/ folder)")
     if s.baseline != "local-score" and s.model is None:
@@ -79,8 +81,8 @@ def sample_images(s: SampleSettings) -> list[Path]:
         model = load_pixel_model(s.model)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         images, saved = model.sample(s.n, s.class_name, s.sampler, s.steps, s.eta, s.guidance,
-                                     s.seed, trajectory, device)
-        source = {"model": str(s.model), "guidance": s.guidance}
+                                     s.seed, trajectory, device, s.guidance_rescale)
+        source = {"model": str(s.model), "guidance": s.guidance, "guidance_rescale": s.guidance_rescale}
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = (s.class_name or "all").replace("/", "-")

@@ -40,6 +40,7 @@ class SampleSettings:
     steps: int = 50
     eta: float = 0.0
     guidance: float = 1.0
+    guidance_rescale: float = 0.0  # guided estimate's contrast brought back to the conditional one's (0: off)
     seed: int = 0
     trajectory: str | None = None  # "999,500,100": also save x_t at these timesteps
     bits: int = 8

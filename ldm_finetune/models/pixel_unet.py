@@ -44,21 +44,36 @@ def noise_scheduler_for(cfg):
                          clip_sample=True)
 
 
-def unet_denoiser(unet, schedule, prediction_type: str, labels=None, null_label=None, guidance: float = 1.0):
-    """x0-denoiser for the samplers; classifier-free guidance eps = eps_u + g (eps_c - eps_u) when guidance != 1."""
+def unet_denoiser(unet, schedule, prediction_type: str, labels=None, null_label=None, guidance: float = 1.0,
+                  guidance_rescale: float = 0.0):
+    """x0-denoiser for the samplers; classifier-free guidance eps = eps_u + g (eps_c - eps_u) when guidance != 1,
+    its clean-image estimate rescaled by `guidance_rescale` (rescaled_guidance)."""
 
     def denoise(x_t, t):
         steps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        abar = schedule.abar(t)
         if labels is None or guidance == 1.0:
-            pred = unet(x_t, steps, class_labels=labels).sample
-        else:
-            both = unet(torch.cat([x_t, x_t]), torch.cat([steps, steps]),
-                        class_labels=torch.cat([labels, torch.full_like(labels, null_label)])).sample
-            cond, uncond = both.chunk(2)
-            pred = uncond + guidance * (cond - uncond)
-        return x0_from_prediction(x_t, pred, schedule.abar(t), prediction_type)
+            return x0_from_prediction(x_t, unet(x_t, steps, class_labels=labels).sample, abar, prediction_type)
+        both = unet(torch.cat([x_t, x_t]), torch.cat([steps, steps]),
+                    class_labels=torch.cat([labels, torch.full_like(labels, null_label)])).sample
+        cond, uncond = both.chunk(2)
+        x0 = x0_from_prediction(x_t, uncond + guidance * (cond - uncond), abar, prediction_type)
+        if guidance_rescale:
+            x0 = rescaled_guidance(x0, x0_from_prediction(x_t, cond, abar, prediction_type), guidance_rescale)
+        return x0
 
     return denoise
+
+
+def rescaled_guidance(x0_guided: torch.Tensor, x0_cond: torch.Tensor, mix: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2024, sec. 3.4) on the clean-image estimate: each image's spread about its mean
+    brought back to the conditional estimate's, mixed `mix` : 1 - mix with the plain guided estimate. Guidance
+    decides the class but pushes a slice's contrast past the data's (grey levels clip at both ends); the rescale
+    keeps the class and gives the contrast back."""
+    dims = tuple(range(1, x0_guided.ndim))
+    mean = x0_guided.mean(dims, keepdim=True)
+    ratio = x0_cond.std(dims, keepdim=True) / (x0_guided.std(dims, keepdim=True) + 1e-8)
+    return mix * (mean + (x0_guided - mean) * ratio) + (1 - mix) * x0_guided
 
 
 @dataclass
@@ -80,7 +95,8 @@ class PixelModel:
 
     @torch.no_grad()
     def sample(self, n: int, class_name: str | None, sampler: str, steps: int, eta: float = 0.0,
-               guidance: float = 1.0, seed: int = 0, trajectory=frozenset(), device="cpu"):
+               guidance: float = 1.0, seed: int = 0, trajectory=frozenset(), device="cpu",
+               guidance_rescale: float = 0.0):
         """(n, 1, R, R) in [-1, 1], plus the trajectory {t: x_t}."""
 
         labels = None
@@ -91,7 +107,8 @@ class PixelModel:
         elif class_name is not None:
             raise UserError("--class: this model is unconditional")
         self.unet.to(device).eval()
-        denoise = unet_denoiser(self.unet, self.schedule, self.prediction_type, labels, self.null_label, guidance)
+        denoise = unet_denoiser(self.unet, self.schedule, self.prediction_type, labels, self.null_label, guidance,
+                                guidance_rescale)
         size = self.unet.config.sample_size
         return sample(denoise, (n, 1, size, size), self.schedule, sampler, steps=steps, eta=eta,
                       generator=torch.Generator(device).manual_seed(seed), clip=(-1.0, 1.0),
