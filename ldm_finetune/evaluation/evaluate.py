@@ -137,10 +137,11 @@ class RealFloor:
         if n not in self.cache:
             self.cache[n] = floor_at(self.t_stats, self.v_stats, n, self.scale, self.seed)
         if self.swd is None:  # every SWD of the class compares len(t_swd) images a side
-            self.swd = float(np.mean([np.mean(M.pyramid_swd(self.t_swd, self.v_images[d], seed=self.seed,
-                                                            max_images=len(self.t_swd),
-                                                            pyramid_a=self.train_pyramid))
-                                      for d in floor_draws(len(self.v_images), len(self.t_swd), self.seed)]))
+            v_pyramid = M.laplacian_pyramid(self.v_images, len(self.train_pyramid))  # once; each draw indexes it
+            self.swd = float(np.mean([np.mean(M.pyramid_swd(
+                self.t_swd, self.v_images[d], seed=self.seed, max_images=len(self.t_swd), pyramid_a=self.train_pyramid,
+                pyramid_b=[level[d] for level in v_pyramid]))
+                for d in floor_draws(len(self.v_images), len(self.t_swd), self.seed)]))
         return self.cache[n] | {"swd": self.swd}
 
 

@@ -185,16 +185,19 @@ def pyramid_levels(images: np.ndarray) -> int:
 
 
 def pyramid_swd(a: np.ndarray, b: np.ndarray, patch: int = 7, per_image: int = 64, projections: int = 128,
-                repeats: int = 4, seed: int = 0, max_images: int = 32, pyramid_a: list | None = None) -> list[float]:
+                repeats: int = 4, seed: int = 0, max_images: int = 32, pyramid_a: list | None = None,
+                pyramid_b: list | None = None) -> list[float]:
     """SWD per pyramid level (finest first) between normalised 7x7 patch sets; levels down to >= 16 px.
-    `pyramid_a`: a's pyramid of its first max_images images, when it is compared with several sets."""
+    `pyramid_a` / `pyramid_b`: the pyramid of a's / b's images, made once when a set is compared several times."""
     levels = pyramid_levels(a)
     rng = np.random.default_rng(seed)
     n = min(len(a), len(b), max_images)
     if pyramid_a is None or len(pyramid_a[0]) < n:
         pyramid_a = laplacian_pyramid(a[:n], levels)
+    if pyramid_b is None or len(pyramid_b[0]) < n:
+        pyramid_b = laplacian_pyramid(b[:n], levels)
     result = []
-    for la, lb in zip((level[:n] for level in pyramid_a), laplacian_pyramid(b[:n], levels)):
+    for la, lb in zip((level[:n] for level in pyramid_a), (level[:n] for level in pyramid_b)):
         pa, pb = _patches(la, per_image, patch, rng), _patches(lb, per_image, patch, rng)
         # normalise each patch (Karras et al.): mean and std over the whole set's patches, per position
         both = np.concatenate([pa, pb])
