@@ -183,6 +183,10 @@ def test_config_bad_models(prep_dataset, tmp_path, tiny_model_dir, run_cli):
                          probe_resolution=-64)
     code, _, err = run_cli("evaluate", config, "--out", tmp_path / "d")
     assert code == 2 and "sampler.probe_resolution: -64 is not an image side" in err and not (tmp_path / "d").exists()
+    config = eval_config(tmp_path, prep_dataset, [{"name": "x", "kind": "sd", "model": str(tiny_model_dir)}],
+                         pixel_guidance_rescale=1.5)
+    code, _, err = run_cli("evaluate", config, "--out", tmp_path / "e")
+    assert code == 2 and "sampler.pixel_guidance_rescale: 1.5 is not a share" in err and not (tmp_path / "e").exists()
 
 
 # --- the report in a real browser ----------------------------------------------------------------------------------
