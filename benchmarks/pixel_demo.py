@@ -49,6 +49,12 @@ VARIANTS = {
 }
 
 
+def run_dir(folder: Path, name: str) -> Path:
+    """A variant's training run; the "demo" variant not retrained here is the demo's own ddpm-pixel stage."""
+    run = folder / "runs" / f"pixel_{name}"
+    return folder / "runs" / "ddpm_pixel" if name == "demo" and not run.is_dir() else run
+
+
 def train(folder: Path, name: str, overrides: dict) -> float:
     s = DemoSettings(out=folder, quiet=True)
     shutil.rmtree(folder / "runs" / f"pixel_{name}", ignore_errors=True)
@@ -76,7 +82,7 @@ def score(folder: Path, name: str, sampler: dict, first_seed: int) -> dict:
     cfg = demo.evaluation_config(DemoSettings(out=folder))
     cfg["seeds"] = [first_seed + s for s in cfg["seeds"]]
     pixel = next(m for m in cfg["models"] if m["name"] == "ddpm-pixel")
-    pixel["model"] = str(folder / "runs" / f"pixel_{name}" / "model")
+    pixel["model"] = str(run_dir(folder, name) / "model")
     cfg["models"], cfg["probes"] = [pixel], []
     cfg["sampler"] = cfg["sampler"] | sampler
     tag = name + "".join(f"_{k}{v}" for k, v in sorted(sampler.items())) + f"_seeds{first_seed}"

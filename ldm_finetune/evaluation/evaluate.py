@@ -120,28 +120,26 @@ def fidelity(train: Measured, val: Measured, generated: dict[str, Measured], rou
 
 
 class RealFloor:
-    """The real-vs-real floor of one class at n images (registry.floor_at), and its SWD at the class's SWD size. A
+    """The real-vs-real floor of one class at n images (registry.floor_at), with its SWD at the class's SWD size. A
     generated set of n images is measured against the floor at n, so n held-out real slices score about 1x."""
 
     def __init__(self, t_swd, train_pyramid, t_stats: Stats, v_images: np.ndarray, v_stats: Stats, scale, seed: int):
-        self.t_swd, self.train_pyramid, self.t_stats = t_swd, train_pyramid, t_stats
-        self.v_images, self.v_stats, self.scale, self.seed = v_images, v_stats, scale, seed
+        self.t_stats, self.v_stats, self.scale, self.seed = t_stats, v_stats, scale, seed
+        self.available = len(v_images)
         self.cache: dict[int, dict[str, float]] = {}
-        self.swd: float | None = None
+        # every SWD of the class compares len(t_swd) images a side; one pyramid of the validation slices, indexed
+        v_pyramid = M.laplacian_pyramid(v_images, len(train_pyramid))
+        self.swd = float(np.mean([np.mean(M.pyramid_swd(
+            t_swd, v_images[d], seed=seed, max_images=len(t_swd), pyramid_a=train_pyramid,
+            pyramid_b=[level[d] for level in v_pyramid])) for d in floor_draws(len(v_images), len(t_swd), seed)]))
 
     def size(self, n: int) -> int:
-        return min(n, len(self.v_images))
+        return min(n, self.available)
 
     def at(self, n: int) -> dict[str, float]:
         n = self.size(n)
         if n not in self.cache:
             self.cache[n] = floor_at(self.t_stats, self.v_stats, n, self.scale, self.seed)
-        if self.swd is None:  # every SWD of the class compares len(t_swd) images a side
-            v_pyramid = M.laplacian_pyramid(self.v_images, len(self.train_pyramid))  # once; each draw indexes it
-            self.swd = float(np.mean([np.mean(M.pyramid_swd(
-                self.t_swd, self.v_images[d], seed=self.seed, max_images=len(self.t_swd), pyramid_a=self.train_pyramid,
-                pyramid_b=[level[d] for level in v_pyramid]))
-                for d in floor_draws(len(self.v_images), len(self.t_swd), self.seed)]))
         return self.cache[n] | {"swd": self.swd}
 
 
