@@ -45,7 +45,13 @@ RESULTS = ROOT / "benchmarks" / "results" / "demo_concepts.json"
 VARIANTS = {
     "base": {},
     "text_encoder": {"lora.text_encoder": "true"},
+    "steps450": {"train.max_steps": 450},
     "steps600": {"train.max_steps": 600},
+    "steps900": {"train.max_steps": 900},
+    "steps900_seed1": {"train.max_steps": 900, "seed": 1},
+    "steps900_seed2": {"train.max_steps": 900, "seed": 2},
+    "base_seed1": {"seed": 1},
+    "steps1200": {"train.max_steps": 1200},
     "all_targets": {"lora.targets": "[attention,feedforward,resnet]"},
     "dropout": {"data.caption_dropout": 0.2},
     "lr3e-4": {"train.learning_rate": 3e-4},

@@ -13,8 +13,9 @@ class DemoSettings:
     shape: tuple[int, int, int] = (96, 192, 256)  # dry phantom volume (D, H, W)
     resolution: int = 64  # prep image side
     sd_resolution: int = 32  # the SD recipes train and generate at the mini base's own size
-    # optimizer steps of each SD recipe (LoRA+DreamBooth's distance in floors: 0.50x the base's at 100, 0.26x at 300)
-    sd_steps: int = 300
+    # optimizer steps of each SD recipe: LoRA+DreamBooth's distance in floors is 0.41-0.47x the base's at 900 (3
+    # training seeds), 0.47-0.57x at 300 (benchmarks/README.md, demo_concepts)
+    sd_steps: int = 900
     ddpm_steps: int = 500  # optimizer steps of the pixel DDPM
     ddpm_resolution: int = 32
     eval_images: int = 8  # generated images per class and model in the evaluation
