@@ -141,10 +141,18 @@ def _tiny_model(args: argparse.Namespace) -> None:
 def _mini_base(args: argparse.Namespace) -> None:
     from ldm_finetune.training import mini_base as mb
 
-    if args.out.exists() and any(args.out.iterdir()) and not (args.out / "mini_base.json").is_file():
+    record = args.out / "mini_base.json"
+    if args.out.exists() and any(args.out.iterdir()) and not record.is_file():
         raise UserError(f"{args.out}: folder is not empty and is not a mini base; choose another OUT")
     if not args.rebuild:
-        shutil.copytree(mb.shipped_mini_base(), args.out, dirs_exist_ok=True)
+        shipped = mb.shipped_mini_base()
+        # a base of the user's own (a --rebuild into OUT) is never replaced by the shipped one: with --pack it is
+        # packed as it is, without it nothing is done to it
+        if not record.is_file():
+            shutil.copytree(shipped, args.out, dirs_exist_ok=True)
+        elif record.read_bytes() != (shipped / "mini_base.json").read_bytes() and not args.pack:
+            raise UserError(f"{args.out}: holds another mini base than the shipped one; pass --pack DIR to pack it, "
+                            "--rebuild to replace it, or choose another OUT (or delete it)")
     else:
         settings = MiniBaseSettings(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps)
         if args.no_cache:
@@ -322,7 +330,8 @@ def _mini_base_command(command) -> None:
     setting(p, "--vae-steps", MiniBaseSettings, "--rebuild: VAE training steps")
     setting(p, "--steps", MiniBaseSettings, "--rebuild: UNet + text encoder training steps")
     p.add_argument("--no-cache", action="store_true", help="--rebuild: build into OUT directly, not the cache")
-    p.add_argument("--pack", type=Path, metavar="DIR", help="also write the shipped form (fp16) to DIR")
+    p.add_argument("--pack", type=Path, metavar="DIR", help="also write OUT's shipped form (fp16) to DIR; a base "
+                   "already in OUT is packed as it is")
     p.set_defaults(func=_mini_base)
 
 
