@@ -259,10 +259,8 @@ def build_mini_base(settings: MiniBaseSettings, out: Path) -> dict:
         fit(vae_phase_config(work / "vae", settings), VaeTask(settings, work / "vae" / "vae"))
         vae_seconds = time.time() - started
         t2i = TextToImageTask(settings, work / "vae" / "vae", tmp / "tokenizer")
-        # a cosine decay to zero: at a constant rate the base drew a quarter of its colour words wrong (world probe
-        # 73.5 %); annealing those weights for 400 steps alone lifted it to 98.5 % (benchmarks/README.md, mini_base)
         fit(phase_config(work / "text_to_image", settings.steps, settings.batch, settings.lr, settings.seed,
-                         warmup=min(100, settings.steps), schedule="cosine"), t2i)
+                         warmup=min(100, settings.steps)), t2i)
         pipe = t2i.pipeline()
         for model in (pipe.vae, pipe.text_encoder, pipe.unet):
             model.eval()
