@@ -94,7 +94,6 @@ def test_packing_for_the_repository_keeps_the_weights_to_fp16(short_build, tmp_p
     assert StableDiffusionPipeline.from_pretrained(unpacked).tokenizer.model_max_length == 32
 
 
-
 def test_mini_base_never_unpacks_over_a_base_of_the_users_own(short_build, monkeypatch, tmp_path, capsys):
     """`mini-base OUT --pack DIR` on a rebuilt OUT once copied the shipped weights over it, then packed those."""
     from ldm_finetune.cli import main
@@ -111,6 +110,7 @@ def test_mini_base_never_unpacks_over_a_base_of_the_users_own(short_build, monke
     assert json.loads((tmp_path / "packed" / "mini_base.json").read_text())["settings"]["steps"] == 3
     assert main(["mini-base", str(tmp_path / "fresh")]) == 0  # an empty OUT still gets the shipped base
     assert (tmp_path / "fresh" / "mini_base.json").read_bytes() == (shipped_mini_base() / "mini_base.json").read_bytes()
+
 
 def world_score(folder: Path, prompts: list[str], probe_from: Path, seeds=(0, 1)) -> float:
     """Share of the prompts' generations the probe reads right."""
