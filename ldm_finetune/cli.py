@@ -145,12 +145,11 @@ def _mini_base(args: argparse.Namespace) -> None:
     if args.out.exists() and any(args.out.iterdir()) and not record.is_file():
         raise UserError(f"{args.out}: folder is not empty and is not a mini base; choose another OUT")
     if not args.rebuild:
-        shipped = mb.shipped_mini_base()
         # a base of the user's own (a --rebuild into OUT) is never replaced by the shipped one: with --pack it is
-        # packed as it is, without it nothing is done to it
+        # packed as it is, without it nothing is done to it (unpacking copies the packed record as it is)
         if not record.is_file():
-            shutil.copytree(shipped, args.out, dirs_exist_ok=True)
-        elif record.read_bytes() != (shipped / "mini_base.json").read_bytes() and not args.pack:
+            shutil.copytree(mb.shipped_mini_base(), args.out, dirs_exist_ok=True)
+        elif record.read_bytes() != (mb.SHIPPED / "mini_base.json").read_bytes() and not args.pack:
             raise UserError(f"{args.out}: holds another mini base than the shipped one; pass --pack DIR to pack it, "
                             "--rebuild to replace it, or choose another OUT (or delete it)")
     else:
