@@ -153,7 +153,8 @@ def _mini_base(args: argparse.Namespace) -> None:
             raise UserError(f"{args.out}: holds another mini base than the shipped one; pass --pack DIR to pack it, "
                             "--rebuild to replace it, or choose another OUT (or delete it)")
     else:
-        settings = MiniBaseSettings(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps)
+        settings = MiniBaseSettings(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps,
+                                    decay_steps=args.decay_steps)
         if args.no_cache:
             mb.build_mini_base(settings, args.out)
         else:
@@ -328,6 +329,7 @@ def _mini_base_command(command) -> None:
     setting(p, "--seed", MiniBaseSettings, "--rebuild: build seed")
     setting(p, "--vae-steps", MiniBaseSettings, "--rebuild: VAE training steps")
     setting(p, "--steps", MiniBaseSettings, "--rebuild: UNet + text encoder training steps")
+    setting(p, "--decay-steps", MiniBaseSettings, "--rebuild: the last of those steps, whose rate anneals to 0")
     p.add_argument("--no-cache", action="store_true", help="--rebuild: build into OUT directly, not the cache")
     p.add_argument("--pack", type=Path, metavar="DIR", help="also write OUT's shipped form (fp16) to DIR; a base "
                    "already in OUT is packed as it is")

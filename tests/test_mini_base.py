@@ -29,7 +29,8 @@ from ldm_finetune.training.mini_base import (
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
-SHORT = MiniBaseSettings(vae_steps=3, vae_batch=4, steps=3, batch=4, world_images=32, probe_steps=3, eval_seeds=1)
+SHORT = MiniBaseSettings(vae_steps=3, vae_batch=4, steps=3, decay_steps=1, batch=4, world_images=32, probe_steps=3,
+                         eval_seeds=1)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ldm_finetune.core.errors import UserError
@@ -61,6 +62,8 @@ def test_overrides_are_yaml_scalars():
     (["lora.targets=[attention, mlp]"], "lora.targets[1]: 'mlp' is not one of"),
     (["recipe=lorra"], "did you mean 'lora'"),
     (["train.max_steps"], "is not of the form key.sub=value"),
+    (["train.lr_decay_steps=50"], "lr_decay_steps > 0 goes with lr_scheduler: warmup_stable_decay"),
+    (["train.lr_scheduler=warmup_stable_decay"], "lr_decay_steps > 0 goes with lr_scheduler: warmup_stable_decay"),
     (["textual_inversion.num_vectors=3"], "textual_inversion: recipe lora does not read this section"),
     (["pivotal.ti_steps=5"], "pivotal: recipe lora does not read this section"),
 ])
@@ -133,3 +136,23 @@ def test_a_run_without_a_dataset_section_gets_the_batch_error_not_a_crash(tmp_pa
     run = RunSettings(tmp_path, TrainConfig(batch_size=8, max_steps=1))  # as the mini base builds its phases
     with pytest.raises(UserError, match=r"= 8 images per optimizer step.*5 per epoch \(data.repeats=1\)"):
         check_batch(run, 5)
+
+
+def test_warmup_stable_decay_warms_up_holds_then_anneals_to_zero():
+    from ldm_finetune.training.config import TrainConfig
+    from ldm_finetune.training.fit import make_lr_scheduler
+
+    train = TrainConfig(max_steps=10, learning_rate=1.0, lr_scheduler="warmup_stable_decay", lr_warmup_steps=2,
+                        lr_decay_steps=4)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = make_lr_scheduler(train, optimizer, max_steps=10, processes=1)
+    rates = []
+    for _ in range(10):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert rates[:7] == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]  # warm-up, then the constant rate
+    assert all(a > b for a, b in zip(rates[6:], rates[7:])) and rates[-1] < 0.2  # the last 4 steps anneal
+    assert schedule.get_last_lr()[0] == 0.0  # annealed to 0 when the run ends
+    with pytest.raises(UserError, match=r"lr_warmup_steps \(2\) \+ lr_decay_steps \(4\) exceed the run's 5 steps"):
+        make_lr_scheduler(train, optimizer, max_steps=5, processes=1)

@@ -171,8 +171,10 @@ class TrainConfig:
     learning_rate: float = 1e-4
     scale_lr: bool = False  # multiply the learning rate by batch_size x accumulation x processes
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                          "polynomial"] = "constant"
+                          "polynomial", "warmup_stable_decay"] = "constant"
     lr_warmup_steps: int = 0
+    # warmup_stable_decay only: the last lr_decay_steps steps anneal the rate to 0 (cosine); the rest stays constant
+    lr_decay_steps: int = 0
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs bitsandbytes (GPU)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -190,6 +192,10 @@ class TrainConfig:
         for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "epochs", "learning_rate"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        _positive("train.lr_decay_steps", self.lr_decay_steps, allow_zero=True)
+        if (self.lr_scheduler == "warmup_stable_decay") != (self.lr_decay_steps > 0):
+            raise UserError("train: lr_decay_steps > 0 goes with lr_scheduler: warmup_stable_decay, and only with it "
+                            f"(got lr_scheduler={self.lr_scheduler}, lr_decay_steps={self.lr_decay_steps})")
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _positive("train.max_grad_norm", self.max_grad_norm)
 

@@ -24,13 +24,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
+from transformers.optimization import get_wsd_schedule
 
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_path
 from ldm_finetune.core.layout import RunLayout
 from ldm_finetune.data.images import collate
 from ldm_finetune.training.checkpoints import register_trainable_only_hooks, resolve_resume
-from ldm_finetune.training.config import RunSettings
+from ldm_finetune.training.config import RunSettings, TrainConfig
 from ldm_finetune.training.loop import Loop, run_loop, start_tracking
 from ldm_finetune.training.run_lock import RunLock
 from ldm_finetune.training.task import Task
@@ -79,10 +80,7 @@ def _fit(run: RunSettings, task: Task, layout: RunLayout, accelerator, resume_fr
         for g in groups:
             g["lr"] *= factor
     optimizer = make_optimizer(run, groups)
-    # accelerate steps the schedule once per process per optimizer step, hence the num_processes factors
-    lr_scheduler = get_scheduler(run.train.lr_scheduler, optimizer,
-                                 num_warmup_steps=run.train.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_steps * accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(run.train, optimizer, max_steps, accelerator.num_processes)
     trained = task.trained_models()
     prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
     models = dict(zip(trained, prepared[:len(trained)]))
@@ -195,6 +193,21 @@ def check_batch(run: RunSettings, examples: int | None) -> None:
             f"{run.train.gradient_accumulation_steps}" + (f" x {processes} processes" if processes > 1 else "")
     raise UserError(f"{shown} = {need} images per optimizer step, but the training set gives {examples} per epoch "
                     f"(data.repeats={run.repeats}): lower the batch or accumulation, or raise data.repeats")
+
+
+def make_lr_scheduler(train: TrainConfig, optimizer, max_steps: int, processes: int):
+    """diffusers' schedules, plus warm-up / stable / decay (transformers'): a constant rate that ends in a short
+    cosine anneal to 0."""
+    # accelerate steps the schedule once per process per optimizer step, hence the `processes` factors
+    if train.lr_scheduler != "warmup_stable_decay":
+        return get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps * processes,
+                             num_training_steps=max_steps * processes)
+    stable = max_steps - train.lr_warmup_steps - train.lr_decay_steps
+    if stable < 0:
+        raise UserError(f"train: lr_warmup_steps ({train.lr_warmup_steps}) + lr_decay_steps ({train.lr_decay_steps}) "
+                        f"exceed the run's {max_steps} steps; shorten them or train longer")
+    return get_wsd_schedule(optimizer, num_warmup_steps=train.lr_warmup_steps * processes,
+                            num_stable_steps=stable * processes, num_decay_steps=train.lr_decay_steps * processes)
 
 
 def resolve_steps(run: RunSettings, batches_per_epoch: int) -> tuple[int, int]:

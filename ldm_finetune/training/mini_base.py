@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm_finetune.core.configtools import to_dict
+from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_dir
 from ldm_finetune.data.caches import sample_latents, tokenize
 from ldm_finetune.data.world import (
@@ -91,9 +92,9 @@ def build_code() -> list[Path]:
 # --- each phase's run settings (what fit reads) ---------------------------------------------------------------------
 
 def phase_config(out: Path, steps: int, batch: int, lr: float, seed: int, warmup: int = 0,
-                 schedule: str = "constant_with_warmup") -> RunSettings:
+                 schedule: str = "constant_with_warmup", decay: int = 0) -> RunSettings:
     train = TrainConfig(batch_size=batch, max_steps=steps, learning_rate=lr, weight_decay=0.0,
-                        lr_scheduler=schedule, lr_warmup_steps=warmup, mixed_precision="no")
+                        lr_scheduler=schedule, lr_warmup_steps=warmup, lr_decay_steps=decay, mixed_precision="no")
     logging = LoggingConfig(report_to="none", every_steps=50)
     record = {"output_dir": str(out), "seed": seed, "train": to_dict(train), "logging": to_dict(logging)}
     return RunSettings(out, train, seed, logging=logging, record=record)
@@ -156,6 +157,16 @@ class VaeTask(Task):
 
 
 # --- phase 2: UNet + text encoder -----------------------------------------------------------------------------------
+
+def text_to_image_phase_config(out: Path, settings: MiniBaseSettings) -> RunSettings:
+    if not 0 <= settings.decay_steps <= settings.steps:
+        raise UserError(f"mini-base: --decay-steps {settings.decay_steps} must be between 0 and --steps "
+                        f"({settings.steps})")
+    warmup = min(100, settings.steps - settings.decay_steps)
+    schedule = "warmup_stable_decay" if settings.decay_steps else "constant_with_warmup"
+    return phase_config(out, settings.steps, settings.batch, settings.lr, settings.seed, warmup=warmup,
+                        schedule=schedule, decay=settings.decay_steps)
+
 
 class CaptionedLatents(torch.utils.data.Dataset):
     def __init__(self, n: int):
@@ -259,8 +270,7 @@ def build_mini_base(settings: MiniBaseSettings, out: Path) -> dict:
         fit(vae_phase_config(work / "vae", settings), VaeTask(settings, work / "vae" / "vae"))
         vae_seconds = time.time() - started
         t2i = TextToImageTask(settings, work / "vae" / "vae", tmp / "tokenizer")
-        fit(phase_config(work / "text_to_image", settings.steps, settings.batch, settings.lr, settings.seed,
-                         warmup=min(100, settings.steps)), t2i)
+        fit(text_to_image_phase_config(work / "text_to_image", settings), t2i)
         pipe = t2i.pipeline()
         for model in (pipe.vae, pipe.text_encoder, pipe.unet):
             model.eval()
@@ -278,7 +288,8 @@ def build_mini_base(settings: MiniBaseSettings, out: Path) -> dict:
         info["seconds"]["total"] = round(time.time() - started, 1)
         info["threads"] = torch.get_num_threads()  # CPU reductions depend on it: same count, same bits
         info["rebuild_command"] = (f"ldm-finetune mini-base OUT --rebuild --no-cache --seed {settings.seed} "
-                                   f"--vae-steps {settings.vae_steps} --steps {settings.steps}")
+                                   f"--vae-steps {settings.vae_steps} --steps {settings.steps} "
+                                   f"--decay-steps {settings.decay_steps}")
         info["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
                             "transformers": transformers.__version__}
         for run in ("vae", "text_to_image"):

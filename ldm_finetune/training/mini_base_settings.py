@@ -33,6 +33,7 @@ class MiniBaseSettings:
     # share of world images in the VAE's data (the rest: generic grey textures); the world's colours need most of it
     vae_world_share: float = 0.67
     steps: int = 2500  # text-to-image steps
+    decay_steps: int = 0  # the last of them, whose rate anneals to 0 (0: a constant rate after the warm-up)
     batch: int = 64
     lr: float = 1e-3
     world_images: int = 8192  # distinct world images the text-to-image phase sees
