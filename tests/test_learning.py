@@ -81,7 +81,7 @@ def test_a_few_lora_steps_move_a_ct_caption_toward_ct(mini_base, prep_dataset, t
     before = distance_to_ct(generate(mini_base, [CAPTION]), data)
     after = distance_to_ct(generate(mini_base, [CAPTION], lora=out), data)
     if learns:
-        assert after < 0.7 * before, (before, after)  # measured: 7.6 -> 2.6 floors
+        assert after < 0.7 * before, (before, after)  # measured: 11.5 -> 2.4 floors
     else:
         assert abs(after - before) < 0.02 * before, (before, after)  # nothing learned, nothing moved
 
