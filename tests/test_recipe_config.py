@@ -64,6 +64,8 @@ def test_overrides_are_yaml_scalars():
     (["train.max_steps"], "is not of the form key.sub=value"),
     (["train.lr_decay_steps=50"], "lr_decay_steps > 0 goes with lr_scheduler: warmup_stable_decay"),
     (["train.lr_scheduler=warmup_stable_decay"], "lr_decay_steps > 0 goes with lr_scheduler: warmup_stable_decay"),
+    (["train.lr_scheduler=warmup_stable_decay", "train.lr_decay_steps=950", "train.max_steps=1000"],
+     "lr_warmup_steps (100) + lr_decay_steps (950) exceed train.max_steps (1000)"),
     (["textual_inversion.num_vectors=3"], "textual_inversion: recipe lora does not read this section"),
     (["pivotal.ti_steps=5"], "pivotal: recipe lora does not read this section"),
 ])
