@@ -95,6 +95,19 @@ def test_a_batch_the_dataset_cannot_fill(tiny_model_dir, small_train_dir, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+def test_an_anneal_longer_than_a_run_set_in_epochs(tiny_model_dir, small_train_dir, tmp_path, capsys):
+    """Seven images at batch 2: one epoch is 4 steps, too few for 1 warm-up + 5 annealing ones; known only once the
+    dataset is counted, and still refused before anything is written to the run folder."""
+    code = run_train(*lora_overrides(tiny_model_dir, small_train_dir, tmp_path / "run", **{
+        "train.max_steps": "null", "train.epochs": 1, "train.lr_scheduler": "warmup_stable_decay",
+        "train.lr_decay_steps": 5}))
+    err = one_line_error(capsys)
+    assert code == 2 and "lr_warmup_steps (1) + lr_decay_steps (5) exceed the run's 4 steps" in err, err
+    layout = RunLayout(tmp_path / "run")
+    assert not layout.config.exists() and not layout.checkpoints.exists()  # (the lock and the data cache stay)
+
+
 # --- resources -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -144,3 +157,10 @@ def test_a_disk_that_fills_up_while_the_adapter_is_written(tiny_model_dir, small
     monkeypatch.undo()
     assert run_train(*lora_overrides(tiny_model_dir, small_train_dir, out)) == 0  # with space again it runs through
     assert load_file(RunLayout(out).lora) and LORA_WEIGHT_NAME == RunLayout(out).lora.name
+
+
+def test_a_mini_base_anneal_longer_than_its_steps_fails_before_any_training(run_cli, tmp_path):
+    code, _, err = run_cli("mini-base", tmp_path / "base", "--rebuild", "--no-cache", "--steps", "10",
+                           "--decay-steps", "20")
+    assert code == 2 and err == "error: mini-base: --decay-steps 20 must be between 0 and --steps (10)\n", err
+    assert not (tmp_path / "base").exists()

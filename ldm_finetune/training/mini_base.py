@@ -267,10 +267,11 @@ def build_mini_base(settings: MiniBaseSettings, out: Path) -> dict:
     started = time.time()
     with atomic_dir(out, overwrite=out.exists()) as tmp:
         work = tmp / "build"
+        t2i_run = text_to_image_phase_config(work / "text_to_image", settings)  # bad settings fail before the VAE
         fit(vae_phase_config(work / "vae", settings), VaeTask(settings, work / "vae" / "vae"))
         vae_seconds = time.time() - started
         t2i = TextToImageTask(settings, work / "vae" / "vae", tmp / "tokenizer")
-        fit(text_to_image_phase_config(work / "text_to_image", settings), t2i)
+        fit(t2i_run, t2i)
         pipe = t2i.pipeline()
         for model in (pipe.vae, pipe.text_encoder, pipe.unet):
             model.eval()
