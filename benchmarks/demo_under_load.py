@@ -4,6 +4,7 @@ so both are measured back to back), with the thread counts the demo chose (core/
     python benchmarks/demo_under_load.py            # the default demo, twice
     python benchmarks/demo_under_load.py --neighbour-threads 2
     python benchmarks/demo_under_load.py --keep /tmp/demo   # keeps the idle run's folder for demo_concepts.py
+    python benchmarks/demo_under_load.py --idle-only         # the report's numbers alone (kept as "idle_only")
 
 The neighbour is a process that keeps `--neighbour-threads` cores busy with matrix products (another training job,
 say). Goal (issue 23): loaded time <= 2x idle time on 2 cores. Results: results/demo_under_load.json.
@@ -68,11 +69,15 @@ def main() -> None:
     parser.add_argument("--neighbour-threads", type=int, default=1)
     parser.add_argument("--keep", type=Path, help="run the idle demo into this folder and keep it (for "
                         "demo_concepts.py); the loaded one is always discarded")
+    parser.add_argument("--idle-only", action="store_true", help="skip the loaded run: the report's numbers alone, "
+                        "recorded as idle_only beside the last full run")
     parser.add_argument("demo_args", nargs="*", help="extra `ldm-finetune demo` flags")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         idle = run_demo(args.keep or Path(tmp) / "idle", args.demo_args)
         print("idle", idle, flush=True)
+        if args.idle_only:
+            return record({"idle_only": {"date": time.strftime("%Y-%m-%d"), "demo_args": args.demo_args} | idle})
         neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, str(args.neighbour_threads)])
         try:
             time.sleep(3)
@@ -80,12 +85,18 @@ def main() -> None:
         finally:
             neighbour.kill()
         print("loaded", loaded, flush=True)
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "neighbour_threads": args.neighbour_threads,
-              "demo_args": args.demo_args, "idle": idle, "loaded": loaded,
-              "loaded_over_idle": round(loaded["seconds"] / idle["seconds"], 2)}
+    record({"machine": f"{platform.machine()}, {os.cpu_count()} cores", "neighbour_threads": args.neighbour_threads,
+            "demo_args": args.demo_args, "idle": idle, "loaded": loaded,
+            "loaded_over_idle": round(loaded["seconds"] / idle["seconds"], 2)})
+
+
+def record(update: dict) -> None:
+    """Merged into results/demo_under_load.json: a full run replaces the last one and keeps any idle_only entry."""
+    path = RESULTS / "demo_under_load.json"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "demo_under_load.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    result = (json.loads(path.read_text()) if path.is_file() else {}) | update
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(update, indent=2))
 
 
 if __name__ == "__main__":
