@@ -46,6 +46,12 @@ VARIANTS = {
     # twice the steps: the demo ran in 490 s of its 720 s budget (results/demo_under_load.json), 0.38 s a step
     "long_1000": {"train.max_steps": 1000, "ema.decay": 0.995},
     "long_1000_cosine": {"train.max_steps": 1000, "ema.decay": 0.995, "train.lr_scheduler": "cosine"},
+    # the class and time embedding as a scale and shift of each ResNet block's normalised features (adaptive
+    # GroupNorm), where the demo adds it as a bias
+    "adagn": {"model.resnet_time_scale_shift": "scale_shift"},
+    # a wider net: 48-96-96 channels (the demo 32-64-64)
+    "wide48": {"model.base_channels": 48, "model.norm_num_groups": 16},
+    "label_dropout02": {"model.label_dropout": 0.2},
 }
 
 

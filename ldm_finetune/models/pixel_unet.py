@@ -31,7 +31,7 @@ def build_unet(cfg, num_classes: int):
                        block_out_channels=tuple(m.base_channels * k for k in m.channel_mult),
                        layers_per_block=m.layers_per_block, down_block_types=tuple(down), up_block_types=tuple(up),
                        norm_num_groups=m.norm_num_groups, act_fn=m.act_fn, dropout=m.dropout,
-                       time_embedding_type="positional",
+                       time_embedding_type="positional", resnet_time_scale_shift=m.resnet_time_scale_shift,
                        num_class_embeds=num_classes + 1 if m.class_conditional else None)
 
 

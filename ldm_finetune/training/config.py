@@ -348,6 +348,9 @@ class PixelModelConfig:
     attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])  # self-attention at these sizes
     norm_num_groups: int = 32  # GroupNorm groups
     act_fn: Literal["silu", "gelu"] = "gelu"  # the study used GELU
+    # how the time (and class) embedding enters each ResNet block: "default" adds it to the features; "scale_shift"
+    # scales and shifts the normalised features with it (adaptive GroupNorm, Dhariwal & Nichol 2021)
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = "default"
     dropout: float = 0.0
     class_conditional: bool = True  # condition on the class label; false: unconditional
     label_dropout: float = 0.1  # share of labels replaced by "no class" (classifier-free guidance)
