@@ -190,3 +190,19 @@ def test_bad_training_inputs(small_train_dir, tmp_path, capsys):
         ["sample", "--baseline", "local-score", "--train-dir", str(small_train_dir), "--class", "wet/x",
          "--out", str(tmp_path / "d")])
     assert code == 2 and "--class 'wet/x' is not in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shift, factor", [("default", 1), ("scale_shift", 2)])
+def test_resnet_time_scale_shift_reaches_every_resnet_block(shift, factor):
+    """scale_shift (adaptive GroupNorm) projects the time + class embedding to a scale and a shift per channel."""
+    from types import SimpleNamespace
+
+    from ldm_finetune.models.pixel_unet import build_unet
+    from ldm_finetune.training.config import PixelModelConfig
+
+    model = PixelModelConfig(base_channels=16, channel_mult=[1, 2], norm_num_groups=8, attention_resolutions=[],
+                             resnet_time_scale_shift=shift)
+    unet = build_unet(SimpleNamespace(model=model, data=SimpleNamespace(resolution=16)), num_classes=3)
+    resnets = [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert resnets and unet.config.resnet_time_scale_shift == shift
+    assert all(r.time_emb_proj.out_features == factor * r.conv1.out_channels for r in resnets)
