@@ -135,7 +135,9 @@ def test_the_shipped_base_follows_world_prompts_and_an_untrained_one_does_not(sh
     shipped = shipped_mini_base()
     info = json.loads((shipped / "mini_base.json").read_text())
     assert info["probe_accuracy_on_world"] >= 0.98
-    assert world_score(shipped, PROMPTS, shipped) >= 0.6
+    # issue 23's goal for the base's own generations: >= 85 % (the shipped base: 16 / 16 here, 98.5 % over the
+    # 34-prompt probe; the base before it, 73.5 %)
+    assert world_score(shipped, PROMPTS, shipped) >= 0.85
     assert world_score(short_build[0], PROMPTS, shipped) < 0.3  # 3 training steps: the same check fails
 
 
