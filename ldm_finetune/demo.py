@@ -64,9 +64,9 @@ TI_INITIALIZERS = {"dry": "dry", "dry-compacted": "compacted", "injected": "inje
 
 TI_CAPTION = "A {token} of a carbon composite material"
 
-# the mini base follows prompts best at guidance 2-3 (world probe 83-85 %, against 76 % at 4 and 62 % at SD's usual
-# 7.5: benchmarks/README.md, mini_base); at 3 the demo's drift probes start from a base that draws them right, and
-# its LoRA+DreamBooth reads as the concept asked 18 % of the time against 7 % at 7.5
+# the mini base draws world prompts right at every guidance from 1.5 to 7.5 (world probe 96-100 %, 100 % at 3:
+# benchmarks/README.md, mini_base); at 3 the demo's LoRA+DreamBooth reads as the concept asked 18 % of the time,
+# against 7 % at SD's usual 7.5 (measured on the base before it)
 MINI_BASE_GUIDANCE = 3.0
 
 
