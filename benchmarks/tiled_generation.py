@@ -58,8 +58,8 @@ def phantom_data(work: Path) -> Path:
     return work / "data"
 
 
-def train_lora(base: Path, data: Path, out: Path, steps: int) -> Path:
-    overrides = {"model.pretrained": base, "data.train_dir": data / "train", "output_dir": out,
+def train_lora(base: Path, data: Path, out: Path, steps: int, seed: int = 0) -> Path:
+    overrides = {"seed": seed, "model.pretrained": base, "data.train_dir": data / "train", "output_dir": out,
                  "data.resolution": 32, "data.num_workers": 0, "train.max_steps": steps, "train.batch_size": 8,
                  "train.learning_rate": 1e-3, "train.lr_warmup_steps": 10, "train.mixed_precision": "no",
                  "lora.targets": "[attention,feedforward,resnet]", "validation.prompts": "[]",
@@ -237,6 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lora", type=Path, help="an existing LoRA run on the mini base (default: train one)")
     parser.add_argument("--lora-steps", type=int, default=300)
+    parser.add_argument("--lora-seed", type=int, default=0, help="the trained LoRA's seed (another LoRA, same recipe)")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--sides", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
@@ -262,10 +263,11 @@ def main() -> None:
         work = Path(tmp)
         data = phantom_data(work)
         started = time.perf_counter()
-        lora = args.lora or train_lora(base, data, work / "lora", args.lora_steps)
+        lora = args.lora or train_lora(base, data, work / "lora", args.lora_steps, args.lora_seed)
         lora_seconds = time.perf_counter() - started
         result |= {"machine": f"{platform.machine()}, {args.threads} thread(s)", "torch": torch.__version__,
-                   "lora": {"steps": None if args.lora else args.lora_steps, "seconds": round(lora_seconds, 1),
+                   "lora": {"steps": None if args.lora else args.lora_steps, "seed": args.lora_seed,
+                            "seconds": round(lora_seconds, 1),
                             "targets": "attention, feedforward, resnet", "rank": 16}}
         for part in args.parts:
             name, measure = PARTS[part]
