@@ -196,12 +196,19 @@ class TrainConfig:
         if (self.lr_scheduler == "warmup_stable_decay") != (self.lr_decay_steps > 0):
             raise UserError("train: lr_decay_steps > 0 goes with lr_scheduler: warmup_stable_decay, and only with it "
                             f"(got lr_scheduler={self.lr_scheduler}, lr_decay_steps={self.lr_decay_steps})")
-        # warm-up + anneal must fit in the run (in epochs it is only known in fit, which checks it there)
-        if self.lr_decay_steps and self.max_steps and self.lr_warmup_steps + self.lr_decay_steps > self.max_steps:
-            raise UserError(f"train: lr_warmup_steps ({self.lr_warmup_steps}) + lr_decay_steps ({self.lr_decay_steps}) "
-                            f"exceed train.max_steps ({self.max_steps}); shorten them or train longer")
+        if self.max_steps:  # a run set in epochs only knows its length in fit, which checks it there
+            self.stable_steps(self.max_steps, f"train.max_steps ({self.max_steps})")
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _positive("train.max_grad_norm", self.max_grad_norm)
+
+    def stable_steps(self, max_steps: int, run: str) -> int:
+        """warmup_stable_decay's constant phase: what a run of `max_steps` leaves after the warm-up and the anneal;
+        an anneal that does not fit is refused, naming the run's length as `run`."""
+        stable = max_steps - self.lr_warmup_steps - self.lr_decay_steps
+        if self.lr_decay_steps and stable < 0:
+            raise UserError(f"train: lr_warmup_steps ({self.lr_warmup_steps}) + lr_decay_steps ({self.lr_decay_steps}) "
+                            f"exceed {run}; shorten them or train longer")
+        return stable
 
 
 @dataclass

@@ -65,7 +65,8 @@ def _fit(run: RunSettings, task: Task, layout: RunLayout, accelerator, resume_fr
                                              collate_fn=collate, num_workers=run.num_workers,
                                              generator=torch.Generator().manual_seed(run.seed))
     per_epoch, max_steps = resolve_steps(run, math.ceil(len(dataloader) / accelerator.num_processes))
-    stable_steps(run.train, max_steps)  # a schedule longer than the run fails before config.yaml is written
+    # a run set in epochs: a schedule longer than it fails here, before config.yaml is written
+    run.train.stable_steps(max_steps, f"the run's {max_steps} steps")
     finished = finished_at(layout)
     if run.checkpoint.resume is not None and finished >= max_steps:
         accelerator.print(f"{layout.root} finished at step {finished} (train.max_steps={max_steps}): "
@@ -204,18 +205,8 @@ def make_lr_scheduler(train: TrainConfig, optimizer, max_steps: int, processes: 
         return get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps * processes,
                              num_training_steps=max_steps * processes)
     return get_wsd_schedule(optimizer, num_warmup_steps=train.lr_warmup_steps * processes,
-                            num_stable_steps=stable_steps(train, max_steps) * processes,
+                            num_stable_steps=train.stable_steps(max_steps, f"the run's {max_steps} steps") * processes,
                             num_decay_steps=train.lr_decay_steps * processes)
-
-
-def stable_steps(train: TrainConfig, max_steps: int) -> int:
-    """warmup_stable_decay's constant phase: what the run leaves after the warm-up and the anneal (a run set in
-    epochs only knows its length here; one set in steps was checked when its config loaded)."""
-    stable = max_steps - train.lr_warmup_steps - train.lr_decay_steps
-    if train.lr_decay_steps and stable < 0:
-        raise UserError(f"train: lr_warmup_steps ({train.lr_warmup_steps}) + lr_decay_steps ({train.lr_decay_steps}) "
-                        f"exceed the run's {max_steps} steps; shorten them or train longer")
-    return stable
 
 
 def resolve_steps(run: RunSettings, batches_per_epoch: int) -> tuple[int, int]:
