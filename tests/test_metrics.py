@@ -150,3 +150,14 @@ def test_ssim_and_glcm_are_scikit_images():
     img = np.clip(np.cumsum(rng.random((40, 48)), axis=1) / 30 % 1.0, 0, 1)
     expected = [0.537234, 0.73266, 0.117711, 0.995093, 4.551282, 0.45304, 0.082309, 0.959986]
     np.testing.assert_allclose(M.glcm_features(img[None], levels=32)[0], expected, atol=2e-6)
+
+
+def test_seam_score_compares_each_direction_with_itself():
+    """A layered slice (smooth along x, so its vertical steps are 3x its horizontal ones) has no seam anywhere: its
+    rows score ~1.0, where pooling the two directions scored them ~1.5. A real step along a join still shows."""
+    layered = ndimage.gaussian_filter1d(np.random.default_rng(0).normal(0, 1, (64, 256)), 1.5, axis=1)
+    assert abs(M.seam_score(layered, [16, 32, 48], []) - 1.0) < 0.1
+    assert abs(M.seam_score(layered, [16, 48], [32, 96, 160, 224]) - 1.0) < 0.1
+    stepped = layered.copy()
+    stepped[:, 128:] += 0.3
+    assert M.seam_score(stepped, [], [128]) > 1.5
