@@ -52,6 +52,8 @@ VARIANTS = {
     # a wider net: 48-96-96 channels (the demo 32-64-64)
     "wide48": {"model.base_channels": 48, "model.norm_num_groups": 16},
     "label_dropout02": {"model.label_dropout": 0.2},
+    # v-prediction alone: the guidance rescale the demo samples with was made for v-prediction models (Lin et al.)
+    "v": {"diffusion.prediction_type": "v_prediction"},
 }
 
 
