@@ -6,12 +6,13 @@
     python benchmarks/tiled_generation.py --gpu           # sampling throughput on a GPU (SD 2.1-base, 512 px)
 
 Measures, each in one run:
-- seam score (evaluation.metrics.seam_score): mean grey step across the joins of side-by-side 32 px tiles ÷ the same
-  away from them, on 256 x 64 fields; MultiDiffusion (Hann-weighted tiles, overlap 0.75 and 0.5) against side-by-side
-  tiles (overlap 0) on the same seeds, and across the wrap edge with and without --seamless, next to references: the
-  same score on interior lines chosen at random (what "no seam" scores with this many images), and on every family
-  of lines one latent pixel apart modulo the tile (the moving grid's edges visit them all) for the tiled fields and
-  for a control with no tiles at all (the UNet run on the whole canvas: the model's own lines);
+- seam score (evaluation.metrics.seam_score): mean grey step across the joins of side-by-side 32 px tiles, each in units
+  of the same direction's steps away from them, on 256 x 64 fields; MultiDiffusion (Hann-weighted tiles, overlap 0.75
+  and 0.5) against side-by-side tiles (overlap 0) on the same seeds, and across the wrap edge with and without
+  --seamless, next to references: the same score on interior lines chosen at random (what "no seam" scores with this
+  many images), and on every family of lines one latent pixel apart modulo the tile (the moving grid's edges visit them
+  all) for the tiled fields and for a control with no tiles at all (the UNet run on the whole canvas: the model's own
+  lines);
 - fidelity of crops: 32 px crops of 128 x 128 fields against native 32 px generations of the same prompt, both scored
   by the evaluation stage against the real slices, in real-vs-real floors;
 - time and peak memory (RSS, in a fresh process per size) against output area, tiled and, for reference, the plain

@@ -290,7 +290,7 @@ def seam_score(image: np.ndarray, rows: list[int], columns: list[int]) -> float:
     everywhere else (1.0: no seam). `rows` / `columns` are pixel indices where a tile begins: the step across join j
     is between pixels j - 1 and j. Index 0 is the wrap edge, the step from the last pixel back to the first (a
     periodic image has none there). Directions are kept apart because CT slices are anisotropic (a warp or weft
-    slice's layers make its vertical steps 2-3.5x its horizontal ones), so pooling them would score a line of rows
+    slice's layers make its vertical steps 2-3.6x its horizontal ones), so pooling them would score a line of rows
     above 1.0 with no seam at all."""
     grey = image.mean(-1) if image.ndim == 3 else image
     normalised = []
