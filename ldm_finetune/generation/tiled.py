@@ -12,7 +12,8 @@ The tile grid moves by one latent pixel at every UNet call, cycling through its 
 sampling run (the first and last tiles stay flush with the canvas edges). With a fixed grid the tile edges sit on
 the same latent columns at every step, and those columns show: a seamless slice's wrap edge, always a tile edge,
 scored 1.22 (benchmarks/README.md, on the pooled seam score of the time; 1.08 with the moving grid). Moving the
-grid makes every column an edge equally often. Side-by-side tiles (overlap 0) keep their grid: they are the reference that shows what a seam looks like.
+grid makes every column an edge equally often. Side-by-side tiles (overlap 0) keep their grid: they are the
+reference that shows what a seam looks like.
 
 Blending the noise prediction instead of each tile's stepped latent (the paper's form) gives the same result for
 DDIM and every other scheduler whose step is linear in the prediction, and it keeps multistep schedulers' state
