@@ -103,8 +103,20 @@ def _fit(run: RunSettings, task: Task, layout: RunLayout, accelerator, resume_fr
             print(f"wrote {path}")
         with atomic_path(layout.finished) as tmp:
             tmp.write_text(json.dumps({"global_step": global_step}))
+    release_reducers(models.values())
     accelerator.end_training()
     return layout.root
+
+
+def release_reducers(models) -> None:
+    """Drop each DDP wrapper's gradient reducer while the process group is still registered. A reducer freed after
+    destroy_process_group holds the group's last reference, and the group's destructor then runs under the GIL and
+    joins gloo threads, one of which may be freeing a collective's tensor and waiting for the GIL: a two-process CPU
+    run hung so at exit, rank 1 stuck in ~ProcessGroupGloo from ~Reducer (pytorch/pytorch#56297). The group itself
+    is then freed by destroy_process_group's own path, which releases the GIL."""
+    for model in models:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and hasattr(model, "reducer"):
+            del model.reducer
 
 
 def finished_at(layout: RunLayout) -> int:
