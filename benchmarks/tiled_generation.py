@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -267,15 +268,23 @@ def main() -> None:
         lora = args.lora or train_lora(base, data, work / "lora", args.lora_steps, args.lora_seed)
         lora_seconds = time.perf_counter() - started
         result |= {"machine": f"{platform.machine()}, {args.threads} thread(s)", "torch": torch.__version__,
-                   "lora": {"steps": None if args.lora else args.lora_steps, "seed": args.lora_seed,
-                            "seconds": round(lora_seconds, 1),
-                            "targets": "attention, feedforward, resnet", "rank": 16}}
+                   "lora": lora_facts(args, lora_seconds)}
         for part in args.parts:
             name, measure = PARTS[part]
             result[name] = merged(result.get(name), measure(args, base, lora, data, work))
             print(name, json.dumps(result[name])[:2000], flush=True)
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def lora_facts(args, seconds: float) -> dict:
+    """What the record says of the LoRA: trained here, or an existing run (its steps and seed from its config.yaml,
+    not from this command's --lora-steps / --lora-seed)."""
+    facts = {"targets": "attention, feedforward, resnet", "rank": 16}
+    if args.lora is None:
+        return facts | {"steps": args.lora_steps, "seed": args.lora_seed, "seconds": round(seconds, 1)}
+    config = yaml.safe_load((args.lora / "config.yaml").read_text())
+    return facts | {"run": str(args.lora), "steps": config["train"]["max_steps"], "seed": config["seed"]}
 
 
 def merged(old, new):
