@@ -54,6 +54,11 @@ VARIANTS = {
     "label_dropout02": {"model.label_dropout": 0.2},
     # v-prediction alone: the guidance rescale the demo samples with was made for v-prediction models (Lin et al.)
     "v": {"diffusion.prediction_type": "v_prediction"},
+    # horizontal flips of the training slices (a mirrored weave is a slice of the same state and cut)
+    "flip": {"data.random_flip": "true"},
+    # the same two with another training seed: one run per variant cannot tell a change from the seed's own spread
+    "demo_seed1": {"seed": 1},
+    "flip_seed1": {"data.random_flip": "true", "seed": 1},
 }
 
 
