@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from data_prep.config import PrepConfig, VolumeSpec  # noqa: E402
 from data_prep.phantom import STATES, write_phantoms  # noqa: E402
 from data_prep.prep import run_prep  # noqa: E402
+from ldm_finetune.core.layout import RunLayout  # noqa: E402
 from ldm_finetune.evaluation.evaluate import SuiteSettings, evaluate_folders  # noqa: E402
 from ldm_finetune.evaluation.metrics import seam_score  # noqa: E402
 from ldm_finetune.generation.generate import GenerateSettings, load_pipeline, prepared_pipeline, render  # noqa: E402
@@ -283,7 +284,7 @@ def lora_facts(args, seconds: float) -> dict:
     facts = {"targets": "attention, feedforward, resnet", "rank": 16}
     if args.lora is None:
         return facts | {"steps": args.lora_steps, "seed": args.lora_seed, "seconds": round(seconds, 1)}
-    config = yaml.safe_load((args.lora / "config.yaml").read_text())
+    config = yaml.safe_load(RunLayout(args.lora).config.read_text())
     return facts | {"run": str(args.lora), "steps": config["train"]["max_steps"], "seed": config["seed"]}
 
 
