@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from demo_under_load import headline  # noqa: E402
 
 from ldm_finetune import demo  # noqa: E402
+from ldm_finetune.core.io import load_image  # noqa: E402
+from ldm_finetune.data.images import to_pixel_values  # noqa: E402
 from ldm_finetune.demo_settings import DemoSettings  # noqa: E402
 from ldm_finetune.evaluation.config import run_config  # noqa: E402
 from ldm_finetune.models.mini_base import MiniArchitecture  # noqa: E402
@@ -105,10 +107,9 @@ def ceiling(folder: Path, per_class: int = 16, vae_dir: Path | None = None, blur
     for cls in sorted({(r["state"], r["orientation"]) for r in rows}):
         mine = [r for r in rows if (r["state"], r["orientation"]) == cls]
         picked = [mine[i] for i in rng.choice(len(mine), min(per_class, len(mine)), replace=False)]
-        x = np.stack([np.asarray(Image.open(valid / r["file_name"]).convert("RGB").resize((size, size),
-                                                                                           Image.BICUBIC))
-                      for r in picked]).astype(np.float32) / 127.5 - 1
-        x = torch.from_numpy(x).permute(0, 3, 1, 2)
+        # shrunk to the SD side the way training shrinks them (data.images), so the round trip starts from what
+        # the LoRA learns from
+        x = torch.stack([to_pixel_values(load_image(valid / r["file_name"]), size) for r in picked])
         with torch.no_grad():
             sets = {"vae-roundtrip": vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1),
                     "real-at-sd-size": x}

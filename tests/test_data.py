@@ -15,6 +15,7 @@ from ldm_finetune.core.io import load_image
 from ldm_finetune.data.caches import sample_latents
 from ldm_finetune.data.images import CaptionedImages, to_pixel_values
 from ldm_finetune.data.records import read_records
+from ldm_finetune.evaluation.metrics import resize_set
 
 
 def write_folder(folder, rows, images=True):
@@ -32,6 +33,15 @@ def test_sixteen_bit_slices_keep_their_precision(tmp_path):
     img = load_image(tmp_path / "s.png")
     assert img.dtype == np.float32 and len(np.unique(img)) == 4096  # 8 bits would leave 256 levels
     np.testing.assert_allclose(img, ramp / 65535.0, atol=1e-7)
+
+
+def test_shrinking_bins_pixels_as_the_evaluation_does():
+    # the model must learn the slices the evaluation compares it with; bicubic's lobes overshoot a sharp edge
+    edge = np.full((64, 64), 0.25, np.float32)
+    edge[:, 33:] = 0.75
+    shrunk = (to_pixel_values(edge, 32, rgb=False)[0].numpy() + 1) / 2
+    assert 0.25 - 1e-6 <= shrunk.min() and shrunk.max() <= 0.75 + 1e-6
+    np.testing.assert_allclose(shrunk, resize_set(edge[None], 32)[0], atol=1e-6)
 
 
 def test_pixel_values_are_square_rgb_in_minus_one_one():

@@ -11,13 +11,13 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file, save_file
 
 from ldm_finetune.core.io import atomic_path
-from ldm_finetune.data.images import CaptionedImages
+from ldm_finetune.data.images import RESAMPLING, CaptionedImages
 from ldm_finetune.data.records import Record
 
 
 def cache_key(records: list[Record], resolution: int, model_id: str) -> str:
-    """Identifies a latent cache: model, resolution and every file's name, size and mtime."""
-    h = hashlib.sha256(f"{model_id}|{resolution}".encode())
+    """Identifies a latent cache: model, resolution, how images are resized, and every file's name, size and mtime."""
+    h = hashlib.sha256(f"{model_id}|{resolution}|{sorted(RESAMPLING.items())}".encode())
     for r in records:
         st = r.path.stat()
         h.update(f"|{r.path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
