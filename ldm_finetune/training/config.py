@@ -57,7 +57,7 @@ class Concept:
 @dataclass
 class DataConfig:
     train_dir: Path  # a prep output's train/ folder, or any image folder with metadata.jsonl
-    resolution: int = 512  # images are resized (shorter side) then cropped to this square size
+    resolution: int = 512  # images are resized (shorter side; by area when shrinking) then cropped to this square
     caption_column: str = "text"  # metadata.jsonl column with the caption
     center_crop: bool = True  # False: random crop (then latents cannot be cached)
     random_flip: bool = False  # horizontal flips (then latents cannot be cached)
