@@ -59,6 +59,7 @@ VARIANTS = {
     # the same two with another training seed: one run per variant cannot tell a change from the seed's own spread
     "demo_seed1": {"seed": 1},
     "flip_seed1": {"data.random_flip": "true", "seed": 1},
+    "long_1000_cosine_seed1": {"train.max_steps": 1000, "ema.decay": 0.995, "train.lr_scheduler": "cosine", "seed": 1},
 }
 
 
