@@ -17,7 +17,7 @@ from ldm_finetune.data.records import Record
 
 def cache_key(records: list[Record], resolution: int, model_id: str) -> str:
     """Identifies a latent cache: model, resolution, how images are resized, and every file's name, size and mtime."""
-    h = hashlib.sha256(f"{model_id}|{resolution}|{sorted(RESAMPLING.items())}".encode())
+    h = hashlib.sha256(f"{model_id}|{resolution}|{sorted((k, v.name) for k, v in RESAMPLING.items())}".encode())
     for r in records:
         st = r.path.stat()
         h.update(f"|{r.path.name}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -12,7 +12,7 @@ from ldm_finetune.data.records import Record, class_name
 
 
 # how training resizes; latent caches are keyed on it (data.caches), so a change re-encodes them
-RESAMPLING = {"shrink": "BOX", "enlarge": "BICUBIC"}
+RESAMPLING = {"shrink": Image.Resampling.BOX, "enlarge": Image.Resampling.BICUBIC}
 
 
 def _resize_float(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -26,7 +26,7 @@ def _resize_float(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return array
     if array.ndim == 2:
         shrinking = size[0] <= array.shape[1] and size[1] <= array.shape[0]
-        method = getattr(Image, RESAMPLING["shrink" if shrinking else "enlarge"])
+        method = RESAMPLING["shrink" if shrinking else "enlarge"]
         return np.asarray(Image.fromarray(array, mode="F").resize(size, method))
     return np.stack([_resize_float(array[..., c], size) for c in range(array.shape[2])], axis=-1)
 
