@@ -59,6 +59,7 @@ VARIANTS = {
 }
 # another training seed of some: one run per variant cannot tell a change from the seed's own spread
 VARIANTS |= {f"{name}_seed1": VARIANTS[name] | {"seed": 1} for name in ("demo", "flip", "long_1000_cosine")}
+VARIANTS |= {f"{name}_seed2": VARIANTS[name] | {"seed": 2} for name in ("demo", "long_1000_cosine")}
 
 
 def run_dir(folder: Path, name: str) -> Path:
