@@ -58,8 +58,9 @@ VARIANTS = {
     "flip": {"data.random_flip": "true"},
 }
 # another training seed of some: one run per variant cannot tell a change from the seed's own spread
-VARIANTS |= {f"{name}_seed1": VARIANTS[name] | {"seed": 1} for name in ("demo", "flip", "long_1000_cosine")}
-VARIANTS |= {f"{name}_seed2": VARIANTS[name] | {"seed": 2} for name in ("demo", "long_1000_cosine")}
+VARIANTS |= {f"{name}_seed{seed}": VARIANTS[name] | {"seed": seed}
+             for name, seed in (("demo", 1), ("flip", 1), ("long_1000_cosine", 1), ("demo", 2), ("long_1000_cosine", 2),
+                                ("long_1000_cosine", 3))}
 
 
 def run_dir(folder: Path, name: str) -> Path:
