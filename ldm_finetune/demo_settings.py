@@ -16,7 +16,7 @@ class DemoSettings:
     # optimizer steps of each SD recipe: LoRA+DreamBooth's distance in floors is 0.41-0.47x the base's at 900 (3
     # training seeds), 0.47-0.57x at 300 (benchmarks/README.md, demo_concepts)
     sd_steps: int = 900
-    ddpm_steps: int = 500  # optimizer steps of the pixel DDPM
+    ddpm_steps: int = 1000  # optimizer steps of the pixel DDPM (benchmarks/README.md, pixel_demo)
     ddpm_resolution: int = 32
     eval_images: int = 8  # generated images per class and model in the evaluation
     seed: int = 0
