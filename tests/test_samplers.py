@@ -18,6 +18,7 @@ from ldm_finetune.models.diffusion import (
     ddim_timesteps,
     make_schedule,
     sample,
+    seeded,
     x0_from_prediction,
 )
 
@@ -82,6 +83,27 @@ def test_empirical_denoiser_samples_land_on_training_images(kind, sampler):
     nearest = torch.cdist(x.flatten(1), images.flatten(1)).min(1).values
     assert nearest.max() < 1e-3 * math.sqrt(64)  # every sample is (numerically) a training image
     assert len(set(torch.cdist(x.flatten(1), images.flatten(1)).argmin(1).tolist())) >= 3  # and not just one
+
+
+@pytest.mark.parametrize("sampler, kw", [("ddpm", {}), ("ddim", {"steps": 20, "eta": 1.0})])
+def test_one_seed_per_image_gives_a_batch_of_the_images_sampled_alone(sampler, kw):
+    """The evaluation samples each class as one batch with a seed per image: every image must be the one its seed
+    gives alone, through the first noise and every stochastic step's."""
+    schedule = make_schedule("cosine")
+    images = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    denoise = local_denoiser(images, 3, schedule)
+    seeds = [4, 0, 9]
+    batch, _ = sample(denoise, (3, 1, 8, 8), schedule, sampler, generator=seeded(seeds, 3), dtype=torch.float64,
+                      **kw)
+    alone = [sample(denoise, (1, 1, 8, 8), schedule, sampler, generator=seeded(s, 1), dtype=torch.float64, **kw)[0]
+             for s in seeds]
+    assert torch.equal(batch, torch.cat(alone))
+    # one generator for the batch (what `ldm-finetune sample --seed` does) draws other images: the test can fail
+    one_generator, _ = sample(denoise, (3, 1, 8, 8), schedule, sampler, generator=seeded(4, 3), dtype=torch.float64,
+                              **kw)
+    assert not torch.equal(one_generator, batch)
+    with pytest.raises(ValueError, match="2 seeds for 3 images"):
+        seeded([1, 2], 3)
 
 
 def test_local_denoiser_with_a_whole_image_patch_is_the_empirical_one():

@@ -46,7 +46,7 @@ from ldm_finetune.evaluation.stats import compute_stats
 from ldm_finetune.generation.generate import apply_embeddings, apply_loras, load_pipeline, parse_lora_arg, set_scheduler
 from ldm_finetune.generation.sample import baseline_slices
 from ldm_finetune.models.denoisers import local_denoiser
-from ldm_finetune.models.diffusion import make_schedule, sample
+from ldm_finetune.models.diffusion import make_schedule, sample, seeded
 from ldm_finetune.models.pixel_unet import load_pixel_model
 from ldm_finetune.models.stable_diffusion import native_side, render
 from ldm_finetune.models.world_probe import load_probe
@@ -189,9 +189,10 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
                                 cfg.sampler.negative_prompt, probe_side, probe_side)
                 _save(row[0], folder / "probes" / f"{slug(prompt)}_{seed:04d}.png", grey=False)
         else:
-            for cls, seed in wanted:
-                image = _pixel_image(entry, cfg, cls, seed, size, loaded)
-                _save(image, folder / class_folder(cls) / f"{seed:04d}.png", grey=True)
+            for cls in dict.fromkeys(c for c, _ in wanted):  # one batch per class, each image from its own seed
+                seeds = [seed for c, seed in wanted if c == cls]
+                for seed, image in zip(seeds, _pixel_images(entry, cfg, cls, seeds, size, loaded)):
+                    _save(image, folder / class_folder(cls) / f"{seed:04d}.png", grey=True)
     return folders
 
 
@@ -204,8 +205,9 @@ def _trained_side(entry: ModelEntry) -> int | None:
     return trained_side(files)
 
 
-def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: int, loaded: dict) -> np.ndarray:
-    """One (H, W, 3) image in [0, 1] from the pixel DDPM or the local-score baseline."""
+def _pixel_images(entry: ModelEntry, cfg: EvalConfig, cls: str, seeds: list[int], size: int,
+                  loaded: dict) -> list[np.ndarray]:
+    """(H, W, 3) images in [0, 1] from the pixel DDPM or the local-score baseline, one per seed."""
 
     s = cfg.sampler
     if entry.kind == "pixel":
@@ -213,8 +215,8 @@ def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: 
         if entry.model not in loaded:
             loaded[entry.model] = load_pixel_model(entry.model)
         model = loaded[entry.model]
-        images, _ = model.sample(1, cls, s.pixel_sampler, s.pixel_steps, eta=s.pixel_eta, guidance=s.pixel_guidance,
-                                 seed=seed, guidance_rescale=s.pixel_guidance_rescale)
+        images, _ = model.sample(len(seeds), cls, s.pixel_sampler, s.pixel_steps, eta=s.pixel_eta,
+                                 guidance=s.pixel_guidance, seed=seeds, guidance_rescale=s.pixel_guidance_rescale)
     else:
 
         key = ("local-score", cls)
@@ -222,11 +224,11 @@ def _pixel_image(entry: ModelEntry, cfg: EvalConfig, cls: str, seed: int, size: 
             loaded[key] = baseline_slices(Path(cfg.real) / "train", cls, CLASS_COLUMNS, size, 64)
         slices = loaded[key]
         schedule = make_schedule("cosine")
-        images, _ = sample(local_denoiser(slices.double(), entry.patch, schedule), (1, *slices.shape[1:]),
-                           schedule, s.pixel_sampler, steps=s.pixel_steps,
-                           generator=torch.Generator().manual_seed(seed), clip=(-1.0, 1.0), dtype=torch.float64)
-    grey = ((images[0, 0].float().clamp(-1, 1) + 1) / 2).cpu().numpy()
-    return np.repeat(grey[..., None], 3, axis=2)
+        images, _ = sample(local_denoiser(slices.double(), entry.patch, schedule), (len(seeds), *slices.shape[1:]),
+                           schedule, s.pixel_sampler, steps=s.pixel_steps, generator=seeded(seeds, len(seeds)),
+                           clip=(-1.0, 1.0), dtype=torch.float64)
+    grey = ((images[:, 0].float().clamp(-1, 1) + 1) / 2).cpu().numpy()
+    return [np.repeat(g[..., None], 3, axis=2) for g in grey]
 
 
 def _default_prompt(cls: str) -> str:

@@ -63,7 +63,20 @@ def x0_from_prediction(x_t: torch.Tensor, prediction: torch.Tensor, abar: float,
     raise ValueError(f"unknown prediction type {kind!r}")
 
 
+def seeded(seed: int | list[int], n: int, device="cpu") -> torch.Generator | list[torch.Generator]:
+    """The generator of a batch of n images: one seed for the batch, or a list of n seeds, one per image."""
+    if isinstance(seed, int):
+        return torch.Generator(device).manual_seed(seed)
+    if len(seed) != n:
+        raise ValueError(f"{len(seed)} seeds for {n} images")
+    return [torch.Generator(device).manual_seed(s) for s in seed]
+
+
 def _randn(shape, generator, device, dtype):
+    """Noise of `shape`; with a list of generators, one per image, each image's noise is what its generator alone
+    would draw for a batch of one (so a batch reproduces the images sampled one by one, as diffusers does)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 

@@ -13,7 +13,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.core.io import atomic_dir, quantize
 from ldm_finetune.core.layout import RunLayout
-from ldm_finetune.models.diffusion import DIFFUSERS_SCHEDULE, make_schedule, sample, x0_from_prediction
+from ldm_finetune.models.diffusion import DIFFUSERS_SCHEDULE, make_schedule, sample, seeded, x0_from_prediction
 from ldm_finetune.models.stable_diffusion import quiet_loading
 
 CLASSES_FILE = "classes.json"
@@ -95,9 +95,11 @@ class PixelModel:
 
     @torch.no_grad()
     def sample(self, n: int, class_name: str | None, sampler: str, steps: int, eta: float = 0.0,
-               guidance: float = 1.0, seed: int = 0, trajectory=frozenset(), device="cpu",
+               guidance: float = 1.0, seed: int | list[int] = 0, trajectory=frozenset(), device="cpu",
                guidance_rescale: float = 0.0):
-        """(n, 1, R, R) in [-1, 1], plus the trajectory {t: x_t}."""
+        """(n, 1, R, R) in [-1, 1], plus the trajectory {t: x_t}. `seed` seeds the batch, or is a list of n seeds,
+        one per image: then each image is the one that seed gives alone, and a batch costs less than its images
+        one by one (the evaluation's use)."""
 
         labels = None
         if self.classes:
@@ -111,7 +113,7 @@ class PixelModel:
                                 guidance_rescale)
         size = self.unet.config.sample_size
         return sample(denoise, (n, 1, size, size), self.schedule, sampler, steps=steps, eta=eta,
-                      generator=torch.Generator(device).manual_seed(seed), clip=(-1.0, 1.0),
+                      generator=seeded(seed, n, device), clip=(-1.0, 1.0),
                       trajectory=set(trajectory), device=device)
 
 
