@@ -176,9 +176,8 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
             pipe = _sd_pipeline(entry)
             set_scheduler(pipe, cfg.sampler.scheduler)
             side = cfg.sampler.resolution or _trained_side(entry) or native_side(pipe)
-            for cls in dict.fromkeys(c for c, _ in wanted):  # one batched call per class
+            for cls, seeds in _by_class(wanted).items():  # one batched call per class
                 prompt = entry.concepts.get(cls) or cfg.concepts.get(cls) or _default_prompt(cls)
-                seeds = [seed for c, seed in wanted if c == cls]
                 (row,) = render(pipe, [prompt], seeds, cfg.sampler.steps, cfg.sampler.guidance,
                                 cfg.sampler.negative_prompt, side, side)
                 for seed, image in zip(seeds, row):
@@ -189,11 +188,18 @@ def generate_missing(cfg: EvalConfig, out: Path, classes: list[str], size: int) 
                                 cfg.sampler.negative_prompt, probe_side, probe_side)
                 _save(row[0], folder / "probes" / f"{slug(prompt)}_{seed:04d}.png", grey=False)
         else:
-            for cls in dict.fromkeys(c for c, _ in wanted):  # one batch per class, each image from its own seed
-                seeds = [seed for c, seed in wanted if c == cls]
+            for cls, seeds in _by_class(wanted).items():  # one batch per class, each image from its own seed
                 for seed, image in zip(seeds, _pixel_images(entry, cfg, cls, seeds, size, loaded)):
                     _save(image, folder / class_folder(cls) / f"{seed:04d}.png", grey=True)
     return folders
+
+
+def _by_class(wanted: list[tuple[str, int]]) -> dict[str, list[int]]:
+    """(class, seed) pairs grouped into each class's seeds, in order."""
+    seeds: dict[str, list[int]] = {}
+    for cls, seed in wanted:
+        seeds.setdefault(cls, []).append(seed)
+    return seeds
 
 
 def _trained_side(entry: ModelEntry) -> int | None:
