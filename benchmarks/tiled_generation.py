@@ -7,7 +7,8 @@
 
 Measures, each in one run:
 - seam score (evaluation.metrics.seam_score): mean grey step across the joins of side-by-side 32 px tiles, each in units
-  of the same direction's steps away from them, on 256 x 64 fields; MultiDiffusion (Hann-weighted tiles, overlap 0.75
+  of the same direction's steps away from them on the lines between the VAE's 4 px blocks (its decoder's own grid,
+  which a field with no tile shows too; scored against every line as well), on 256 x 64 fields; MultiDiffusion (Hann-weighted tiles, overlap 0.75
   and 0.5) against side-by-side tiles (overlap 0) on the same seeds, and across the wrap edge with and without
   --seamless, next to references: the same score on interior lines chosen at random (what "no seam" scores with this
   many images), and on every family of lines one latent pixel apart modulo the tile (the moving grid's edges visit them
@@ -88,6 +89,7 @@ def draw_fn(base: Path, lora: Path, vae_whole: bool = False, whole_unet: bool = 
 # lines one latent pixel apart, modulo the 32 px tile: the moving grid puts a tile edge on each of them in turn, so
 # its joins are not only where side-by-side tiles meet (offset 0); a tile-free field scores the same lines
 LINE_FAMILIES = range(0, 32, 4)
+GRID = 4  # the mini base's VAE factor: one latent pixel is a 4 x 4 px block
 
 
 def line_family(offset: int, height: int = 64, width: int = 256) -> tuple[list[int], list[int]]:
@@ -100,20 +102,26 @@ SEAM_VARIANTS = {"overlap_0.5": {}, "overlap_0.75": {"tile_overlap": 0.75}, "sid
 
 
 def seams(base: Path, lora: Path, seeds: list[int], names: list[str]) -> dict:
+    """Each variant's images scored at the joins, across the wrap edge, on random interior lines and on every line
+    family, against the other lines between the VAE's 4 px blocks (GRID) and, as recorded before 2026-12-05, against
+    every line (`..._all_lines`), which scores the decoder's own block edges as seams."""
     out = {}
-    naive_rows, naive_columns = tile_joins(64, 256, Tiling(32, 32, 0.0), 4)
+    naive_rows, naive_columns = tile_joins(64, 256, Tiling(32, 32, 0.0), GRID)
     rng = np.random.default_rng(0)
     for name, flags in ((n, f) for n, f in SEAM_VARIANTS.items() if n in names):
         images = [i for row in draw_fn(base, lora, height=64, width=256, **flags)(PROMPTS, seeds) for i in row]
-        lines = [([int(rng.integers(1, 64))], [int(rng.integers(1, 256))]) for _ in images]
-        out[name] = {"seam_score_at_tile_joins": float(np.mean([seam_score(i, naive_rows, naive_columns)
-                                                                 for i in images])),
-                     "seam_score_wrap_edge": float(np.mean([seam_score(i, [0], [0]) for i in images])),
-                     "seam_score_random_interior_line": float(np.mean([seam_score(i, r, c)
-                                                                        for i, (r, c) in zip(images, lines)])),
-                     "images": len(images)}
-        by_family = {str(f): float(np.mean([seam_score(i, *line_family(f)) for i in images])) for f in LINE_FAMILIES}
-        out[name] |= {"seam_score_by_line_family": by_family, "seam_score_worst_line_family": max(by_family.values())}
+        lines = [([int(rng.integers(1, 16)) * GRID], [int(rng.integers(1, 64)) * GRID]) for _ in images]
+        out[name] = {"images": len(images)}
+        for suffix, grid in (("", GRID), ("_all_lines", 1)):
+            def score(rows, columns):
+                return float(np.mean([seam_score(i, rows, columns, grid) for i in images]))
+            by_family = {str(f): score(*line_family(f)) for f in LINE_FAMILIES}
+            out[name] |= {f"seam_score_at_tile_joins{suffix}": score(naive_rows, naive_columns),
+                          f"seam_score_wrap_edge{suffix}": score([0], [0]),
+                          f"seam_score_random_interior_line{suffix}": float(np.mean(
+                              [seam_score(i, r, c, grid) for i, (r, c) in zip(images, lines)])),
+                          f"seam_score_by_line_family{suffix}": by_family,
+                          f"seam_score_worst_line_family{suffix}": max(by_family.values())}
     return out
 
 

@@ -161,3 +161,17 @@ def test_seam_score_compares_each_direction_with_itself():
     stepped = layered.copy()
     stepped[:, 128:] += 0.3
     assert M.seam_score(stepped, [], [128]) > 1.5
+
+
+def test_seam_score_compares_joins_with_the_decoder_grid_lines():
+    """A latent model's decoder draws 4 x 4 blocks: steps between blocks are larger everywhere, tile or no tile. On
+    such an image with no seam, joins on block edges score well above 1.0 against every line, ~1.0 against the other
+    block edges; a real step along a join still shows on that reference."""
+    rng = np.random.default_rng(0)
+    blocks = np.kron(rng.normal(0, 1, (16, 64)), np.ones((4, 4))) + rng.normal(0, 0.3, (64, 256))
+    rows, columns = [32], [32, 64, 128, 192]
+    assert M.seam_score(blocks, rows, columns) > 1.5
+    assert abs(M.seam_score(blocks, rows, columns, grid=4) - 1.0) < 0.1
+    stepped = blocks.copy()
+    stepped[:, 128:] += 3.0
+    assert M.seam_score(stepped, [], [128], grid=4) > 1.5

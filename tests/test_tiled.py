@@ -64,9 +64,10 @@ def test_one_tile_is_the_plain_pipeline(mini):
 
 
 def test_overlapping_tiles_hide_the_seams_that_side_by_side_tiles_show(mini, tmp_path):
-    """256 x 64 from a 32 px model, scored where side-by-side tiles meet: the default blend (Hann-weighted tiles,
-    overlap 0.5) removes at least half of the side-by-side tiles' excess over a seamless 1.0. Issue 22's absolute
-    goal (<= 1.10, with a CT LoRA and 20 steps) is measured in benchmarks/tiled_generation.py."""
+    """256 x 64 from a 32 px model, scored where side-by-side tiles meet against the other edges of the VAE's
+    blocks: the default blend (Hann-weighted tiles, overlap 0.5) meets issue 22's goal (<= 1.10) where side-by-side
+    tiles fail it on the same seeds, and removes at least half of their excess over a seamless 1.0. With a CT LoRA
+    and 20 steps: benchmarks/tiled_generation.py."""
     scores = {}
     for name, flags in (("default", {}), ("side by side", {"tile_overlap": 0.0})):
         settings = GenerateSettings(PROMPTS, n=3, steps=8, guidance=4.0, height=64, width=256, **flags)
@@ -74,8 +75,9 @@ def test_overlapping_tiles_hide_the_seams_that_side_by_side_tiles_show(mini, tmp
         rows, columns = tile_joins(64, 256, Tiling(32, 32, 0.0), 4)
         images = [np.asarray(_load(p)) for p in sorted((tmp_path / name).glob("*.png"))]
         assert len(images) == 6 and images[0].shape == (64, 256, 3)
-        scores[name] = np.mean([seam_score(i, rows, columns) for i in images])
-    assert scores["side by side"] > 1.10 and scores["default"] - 1 < 0.5 * (scores["side by side"] - 1), scores
+        scores[name] = np.mean([seam_score(i, rows, columns, grid=mini.vae_scale_factor) for i in images])
+    assert scores["default"] <= 1.10 < scores["side by side"], scores
+    assert scores["default"] - 1 < 0.5 * (scores["side by side"] - 1), scores
 
 
 def test_seamless_images_wrap(mini):

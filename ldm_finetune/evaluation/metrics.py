@@ -285,23 +285,29 @@ def colourfulness(rgb: np.ndarray) -> float:
 SEARCH_SIZE = 64  # nearest-neighbour search resolution
 
 
-def seam_score(image: np.ndarray, rows: list[int], columns: list[int]) -> float:
+def seam_score(image: np.ndarray, rows: list[int], columns: list[int], grid: int = 1) -> float:
     """Mean absolute grey step across the given joins, each step in units of the mean step in its own direction
-    everywhere else (1.0: no seam). `rows` / `columns` are pixel indices where a tile begins: the step across join j
-    is between pixels j - 1 and j. Index 0 is the wrap edge, the step from the last pixel back to the first (a
-    periodic image has none there). Directions are kept apart because CT slices are anisotropic (a warp or weft
-    slice's layers make its vertical steps 2-3.6x its horizontal ones), so pooling them would score a line of rows
-    above 1.0 with no seam at all."""
+    elsewhere on lines of the same phase modulo `grid` (1.0: no seam). `rows` / `columns` are pixel indices where a
+    tile begins: the step across join j is between pixels j - 1 and j. Index 0 is the wrap edge, the step from the
+    last pixel back to the first (a periodic image has none there).
+    Directions are kept apart because CT slices are anisotropic (a warp or weft slice's layers make its vertical steps
+    2-3.6x its horizontal ones), so pooling them would score a line of rows above 1.0 with no seam at all. `grid` is
+    a latent model's VAE factor: its decoder draws each latent pixel as a grid x grid block, so the steps between
+    blocks differ from those inside them with no tile anywhere; joins lie between blocks and are compared with the
+    other lines between blocks."""
     grey = image.mean(-1) if image.ndim == 3 else image
     normalised = []
     for axis, joins in ((0, rows), (1, columns)):
         steps = np.moveaxis(np.abs(np.roll(grey, -1, axis=axis) - grey), axis, 0)  # steps[i]: pixels i, i + 1 (mod n)
-        at = np.zeros(steps.shape[0], bool)
-        at[[(j - 1) % steps.shape[0] for j in joins]] = True
-        # the wrap edge counts only when asked for as a join: it is not a step inside the image
-        away = steps[:-1][~at[:-1]].mean()
-        normalised.append(steps[at].ravel() / away)
-    return float(np.concatenate(normalised).mean())
+        n = steps.shape[0]
+        at = np.zeros(n, bool)
+        at[[(j - 1) % n for j in joins]] = True
+        inside = np.arange(n) < n - 1  # the wrap edge counts only when asked for as a join: it is not inside
+        for phase in {(j - 1) % n % grid for j in joins}:
+            here = np.arange(n) % grid == phase
+            away = steps[here & inside & ~at].mean()
+            normalised.append(steps[here & at].ravel() / away)
+    return float(np.concatenate(normalised).mean()) if normalised else float("nan")
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
