@@ -73,7 +73,17 @@ VARIANTS = {
     "text_encoder_all_targets": {"lora.text_encoder": "true", "lora.targets": "[attention,feedforward,resnet]"},
     "steps1800": {"train.max_steps": 1800},
     "rank64": {"lora.rank": 64, "lora.alpha": 64},
+    "images36_all_targets_te": {"data.concepts": concepts(36), "lora.targets": "[attention,feedforward,resnet]",
+                                "lora.text_encoder": "true"},
+    "images81_all_targets": {"data.concepts": concepts(81), "lora.targets": "[attention,feedforward,resnet]"},
+    "images36_all_targets_steps1800": {"data.concepts": concepts(36), "lora.targets": "[attention,feedforward,resnet]",
+                                       "train.max_steps": 1800},
+    "images36_all_targets_te_steps1800": {"data.concepts": concepts(36),
+                                          "lora.targets": "[attention,feedforward,resnet]",
+                                          "lora.text_encoder": "true", "train.max_steps": 1800},
 }
+VARIANTS |= {f"images36_all_targets_steps1800_seed{seed}": VARIANTS["images36_all_targets_steps1800"] | {"seed": seed}
+             for seed in (1, 2)}
 
 
 def train(folder: Path, name: str, overrides: dict) -> None:

@@ -59,8 +59,11 @@ def headline(metrics: dict) -> dict:
             values = [model["values"][k] / floor[k] for k in floor if not k.startswith("prdc") and floor[k] > 0]
             if values:
                 ratios.setdefault(name, []).append(sum(values) / len(values))
-    accuracy = {name: m["accuracy"] for name, m in metrics["classifier"]["models"].items()}
-    return {name: {"floors": round(sum(r) / len(r), 2), "classes": len(r), "accuracy": round(accuracy.get(name, 0), 3)}
+    models = metrics["classifier"]["models"]
+    return {name: {"floors": round(sum(r) / len(r), 2), "classes": len(r),
+                   "accuracy": round(models.get(name, {}).get("accuracy", 0), 3)}
+            | ({"decoder_accuracy": round(models[name]["decoder_accuracy"], 3)}
+               if "decoder_accuracy" in models.get(name, {}) else {})
             for name, r in ratios.items()}
 
 

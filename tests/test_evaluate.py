@@ -148,6 +148,9 @@ def test_config_form_with_sd_lora_pixel_and_baseline(prep_dataset, tiny_model_di
     assert _trained_side(ModelEntry("base", "sd", str(tiny_model_dir))) is None
     assert set(m["fidelity"]) == {"dry/thickness", "injected/warp"}
     assert set(m["fidelity"]["dry/thickness"]["models"]) == {"base", "lora", "mosaic"}
+    accuracy = m["classifier"]["models"]  # SD models are also read in their VAE's space; the baseline has none
+    assert {"decoder_accuracy", "decoder_ceiling"} <= set(accuracy["lora"]) and "decoder_accuracy" in accuracy["base"]
+    assert "decoder_accuracy" not in accuracy.get("mosaic", {})
     assert any("tiny random-init" in n for n in m["notes"])
     probes = m["probes"]["models"]["lora"]["prompts"]
     assert set(probes) == {"horse on a beach", "a texture"} and all(0 <= v["ct_leakage"] <= 1 for v in probes.values())
@@ -345,3 +348,30 @@ def test_held_out_real_slices_score_one_floor_at_the_set_size(prep_dataset):
         ratios += [entry.models["held-out"].values[d] / entry.floor_of("held-out")[d]
                    for entry in result.values() for d in DISTANCES + ["swd"] if entry.floor_of("held-out")[d] > 0]
     assert 0.7 < np.mean(ratios) < 1.4, np.mean(ratios)
+
+
+def test_concept_accuracy_in_the_decoders_space_reads_what_was_learned(prep_dataset, tmp_path):
+    """A decoder that blurs (here a 1 px Gaussian) hides the fine texture the classifier learned from sharp slices.
+    Validation slices of each class drawn through it read as their class in the decoder's space, and far less
+    against the sharp slices; the same images asked for the wrong classes read as nothing learned."""
+    from scipy import ndimage
+
+    from ldm_finetune.evaluation.evaluate import SuiteSettings, evaluate_sets
+    from ldm_finetune.evaluation.imagesets import ImageSet, load_real
+
+    def blur(images):
+        return ndimage.gaussian_filter(images, (0, 1.0, 1.0)).astype(np.float32)
+
+    val = load_real(prep_dataset, "validation", None, 12)
+    drawn = blur(val.images)
+    classes = sorted(set(val.classes))
+    wrong = [classes[(classes.index(c) + 1) % len(classes)] for c in val.classes]
+    generated = {"learned": ImageSet("learned", drawn, list(val.classes), list(val.paths)),
+                 "unlearned": ImageSet("unlearned", drawn, wrong, list(val.paths))}
+    results = evaluate_sets(SuiteSettings(prep_dataset, max_real=40, rounds=5), generated, tmp_path,
+                            decoders={"learned": blur, "unlearned": blur})
+    learned, unlearned = results.classifier.models["learned"], results.classifier.models["unlearned"]
+    assert learned.decoder_ceiling >= 0.6 and learned.decoder_accuracy >= 0.6, learned
+    assert learned.decoder_accuracy > learned.accuracy + 0.2, learned
+    assert unlearned.decoder_accuracy <= 0.2, unlearned
+    assert "decoder_accuracy" in json.loads((tmp_path / "metrics.json").read_text())["classifier"]["models"]["learned"]

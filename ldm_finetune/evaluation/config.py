@@ -122,6 +122,9 @@ class EvalConfig:
     copy_ncc: float = 0.95
     seed: int = 0
     clip_model: Optional[Path] = None  # a local CLIP folder enables CLIP text/image scores of the probes
+    # also read SD models' concepts against the real slices passed through their VAE (evaluate.decoder_accuracy):
+    # one encode and decode per real slice, per base model
+    decoder_space: bool = True
     notes: list[str] = field(default_factory=list)  # shown first in the report, after the automatic ones
 
     def __post_init__(self):
@@ -262,8 +265,31 @@ def run_config(path: Path, out: Path) -> Path:
     skipped: list[dict] = []
     probes = probe_metrics(cfg, folders, real, size, skipped)
     suite = SuiteSettings(cfg.real, size, cfg.max_real, cfg.bootstrap, cfg.seed, cfg.copy_ncc)
-    evaluate_sets(suite, generated, out, real, notes=_notes(cfg) + cfg.notes, probes=probes, skipped=skipped)
+    evaluate_sets(suite, generated, out, real, notes=_notes(cfg) + cfg.notes, probes=probes, skipped=skipped,
+                  decoders=_decoders(cfg) if cfg.decoder_space else {})
     return out
+
+
+def _decoders(cfg: EvalConfig) -> dict:
+    """Each SD model's VAE round trip; models on one base share it (adapters leave the VAE as it was)."""
+    round_trips: dict = {}
+    for entry in cfg.models:
+        if entry.kind == "sd" and entry.model not in round_trips:
+            round_trips[entry.model] = _round_trip(load_pipeline(entry.model).vae)
+    return {entry.name: round_trips[entry.model] for entry in cfg.models if entry.kind == "sd"}
+
+
+def _round_trip(vae, batch: int = 64):
+    """(N, H, W) grey images in [0, 1] -> the same through the VAE: encoded (the posterior's mean), decoded."""
+    def decode(images: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), batch):
+            x = torch.from_numpy(images[start:start + batch]).float()[:, None].expand(-1, 3, -1, -1) * 2 - 1
+            with torch.no_grad():
+                y = vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample
+            out.append(((y.float().mean(1).clamp(-1, 1) + 1) / 2).cpu().numpy())
+        return np.concatenate(out) if out else images
+    return decode
 
 
 def _notes(cfg: EvalConfig) -> list[str]:

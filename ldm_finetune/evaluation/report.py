@@ -100,6 +100,7 @@ def _summary(results: EvaluationResults) -> str:
         if clf is not None and m in clf.models:
             ceiling = clf.ceiling_of(m)
             acc_text = f"{clf.models[m].accuracy:.0%}" + (f" (ceiling {ceiling:.0%})" if ceiling is not None else "")
+            acc_text += _in_decoder_space(clf.models[m])
         mm = mem.models.get(m)
         val = mem.validation_innovation
         innov_text = "-" if mm is None else f"{mm.innovation:.3f}" + (f" (validation {val:.3f})" if val else "")
@@ -176,9 +177,21 @@ def _classifier(clf: ClassifierResult | None) -> str:
         head = "<tr><th>true \\ predicted</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in clf.classes)
         rows = [f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
                 for c, row in zip(clf.classes, r.confusion) if sum(row)]
-        parts.append(f"<h4>{html.escape(m)}: accuracy {r.accuracy:.0%}</h4><table>{head}</tr>{''.join(rows)}"
-                     "</table>")
+        parts.append(f"<h4>{html.escape(m)}: accuracy {r.accuracy:.0%}{_in_decoder_space(r)}</h4><table>{head}</tr>"
+                     f"{''.join(rows)}</table>")
+    if any(r.decoder_accuracy is not None for r in clf.models.values()):
+        parts.append("<p>In its decoder's space: the accuracy of a latent model by a classifier trained on the real "
+                     "slices after a round trip through the model's VAE, and that classifier's ceiling on the "
+                     "validation slices after the same round trip. The classifier trained on the slices themselves "
+                     "reads fine texture that a small latent grid does not keep, so it cannot tell a model that "
+                     "learned its concepts from one that did not; this one can.</p>")
     return "".join(parts)
+
+
+def _in_decoder_space(r) -> str:
+    if r.decoder_accuracy is None:
+        return ""
+    return f"; in its decoder's space {r.decoder_accuracy:.0%} (ceiling {r.decoder_ceiling:.0%})"
 
 
 def _memorisation(mem: MemorisationResult) -> str:

@@ -35,6 +35,11 @@ class ModelAccuracy:
     confusion: list[list[int]]  # true class (rows) x predicted class, in ClassifierResult.classes' order
     size: int | None = None  # as in ModelFidelity
     ceiling_accuracy: float | None = None
+    # a latent model's accuracy by a classifier trained on the real slices passed through its VAE (encode, decode),
+    # and that classifier's ceiling on the validation slices passed through it: what the model learned of each
+    # concept, apart from what its decoder can draw
+    decoder_accuracy: float | None = None
+    decoder_ceiling: float | None = None
 
 
 @dataclass
