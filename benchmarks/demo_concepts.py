@@ -44,16 +44,14 @@ from ldm_finetune.training.mini_base import MiniBaseSettings, VaeTask, vae_phase
 
 RESULTS = ROOT / "benchmarks" / "results" / "demo_concepts.json"
 
-def concepts(num_images: int = 9) -> str:
-    """The demo's nine DreamBooth concepts (one per class), `num_images` slices each."""
-    return "[" + ", ".join(f"{{select: {{state: {st}, orientation: {o}}}, num_images: {num_images}, caption: "
-                           f"'{demo.dreambooth_prompt(st, o)}', class_prompt: 'a texture'}}"
-                           for st in demo.STATE_IDENTIFIERS for o in demo.ORIENTATION_IDENTIFIERS) + "]"
+concepts = demo.dreambooth_concepts
 
 
-# overrides of the demo's LoRA+DreamBooth launch, per variant
+# overrides of the demo's LoRA+DreamBooth launch as it was until 2026-12-05 (900 steps, 9 slices per concept,
+# attention only: "base"), per variant; "demo" is the demo's own since
 VARIANTS = {
     "base": {},
+    "demo": demo.LORA_DREAMBOOTH | {"train.max_steps": DemoSettings.lora_steps},
     "text_encoder": {"lora.text_encoder": "true"},
     "steps450": {"train.max_steps": 450},
     "steps600": {"train.max_steps": 600},
@@ -84,14 +82,17 @@ VARIANTS = {
 }
 VARIANTS |= {f"images36_all_targets_steps1800_seed{seed}": VARIANTS["images36_all_targets_steps1800"] | {"seed": seed}
              for seed in (1, 2)}
+VARIANTS |= {"images36_all_targets_steps1200": VARIANTS["images36_all_targets"] | {"train.max_steps": 1200},
+             "images36_all_targets_steps1200_cosine": VARIANTS["images36_all_targets"] | {
+                 "train.max_steps": 1200, "train.lr_scheduler": "cosine"}}
 
 
 def train(folder: Path, name: str, overrides: dict) -> None:
     s = DemoSettings(out=folder, quiet=True)
     run = folder / "runs" / f"concepts_{name}"
     shutil.rmtree(run, ignore_errors=True)
-    demo.launch("lora_dreambooth.yaml", demo._sd_overrides(s, f"concepts_{name}") | {
-        "data.concepts": concepts(), "validation.prompts": "[a texture]"} | overrides, s)
+    demo.launch("lora_dreambooth.yaml", demo._sd_overrides(s, f"concepts_{name}", 900) | {
+        "data.concepts": concepts(9), "validation.prompts": "[a texture]"} | overrides, s)
 
 
 def score(folder: Path, name: str, run: Path) -> dict:

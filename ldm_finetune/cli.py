@@ -481,7 +481,7 @@ def _identifiers_command(command) -> None:
 
 
 def _demo_command(command) -> None:
-    p = command("demo", help="run the whole pipeline on built-in synthetic data (CPU, ~11 min on 2 cores)",
+    p = command("demo", help="run the whole pipeline on built-in synthetic data (CPU, 6-12 min on 2 cores)",
                        description="The main job on the built-in default; no GPU, network or private data needed. "
                        "Synthetic woven-composite CT volumes -> captioned dataset -> LoRA+DreamBooth and Textual "
                        "Inversion on the mini base, a small SD pretrained on a procedural world and shipped with the "
@@ -492,7 +492,8 @@ def _demo_command(command) -> None:
     setting(p, "--shape", DemoSettings, "dry phantom size", type=int, nargs=3, metavar=("D", "H", "W"))
     setting(p, "--resolution", DemoSettings, "prep's slice side in pixels")
     setting(p, "--sd-resolution", DemoSettings, "side the SD recipes train and generate at: the mini base's own")
-    setting(p, "--sd-steps", DemoSettings, "steps of each SD recipe")
+    setting(p, "--lora-steps", DemoSettings, "steps of LoRA+DreamBooth")
+    setting(p, "--sd-steps", DemoSettings, "steps of Textual Inversion")
     setting(p, "--ddpm-steps", DemoSettings, "steps of the pixel DDPM")
     setting(p, "--ddpm-resolution", DemoSettings, "pixel DDPM side")
     setting(p, "--eval-images", DemoSettings, "generated images per class and model for the evaluation")

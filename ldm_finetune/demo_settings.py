@@ -13,9 +13,10 @@ class DemoSettings:
     shape: tuple[int, int, int] = (96, 192, 256)  # dry phantom volume (D, H, W)
     resolution: int = 64  # prep image side
     sd_resolution: int = 32  # the SD recipes train and generate at the mini base's own size
-    # optimizer steps of each SD recipe: LoRA+DreamBooth's distance in floors is 0.41-0.47x the base's at 900 (3
-    # training seeds), 0.47-0.57x at 300 (benchmarks/README.md, demo_concepts)
-    sd_steps: int = 900
+    # optimizer steps of LoRA+DreamBooth (every target, 36 slices per concept): at 1,800 its slices read as the
+    # concept asked for in the VAE's space ~78 % of the time, at 900 ~46 % (benchmarks/README.md, demo_concepts)
+    lora_steps: int = 1800
+    sd_steps: int = 900  # optimizer steps of Textual Inversion
     ddpm_steps: int = 1000  # optimizer steps of the pixel DDPM (benchmarks/README.md, pixel_demo)
     ddpm_resolution: int = 32
     eval_images: int = 8  # generated images per class and model in the evaluation

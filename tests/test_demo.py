@@ -12,8 +12,8 @@ import pytest
 from ldm_finetune.demo import DREAMBOOTH_SAMPLES
 
 pytestmark = pytest.mark.slow
-SMALLEST = ["--shape", "32", "64", "96", "--resolution", "32", "--sd-steps", "2", "--ddpm-steps", "2",
-            "--ddpm-resolution", "16", "--eval-images", "4", "--quiet"]
+SMALLEST = ["--shape", "32", "64", "96", "--resolution", "32", "--lora-steps", "2", "--sd-steps", "2",
+            "--ddpm-steps", "2", "--ddpm-resolution", "16", "--eval-images", "4", "--quiet"]
 
 
 def demo(*args):
@@ -44,7 +44,7 @@ def test_demo_runs_every_stage_and_writes_a_report(tmp_path):
     # the report: images, numbers for every model, and the plain statement of what the mini-* models show
     html = report.read_text()
     assert html.count("<img") >= 10
-    assert "pretrained on a world of coloured shapes" in html and "shows real learning" in html
+    assert "pretrained on a world of coloured shapes" in html and "in its decoder's space" in html
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     fidelity = metrics["fidelity"]
     assert set(fidelity["dry/thickness"]["models"]) == {"mini-base", "mini-lora-dreambooth",
