@@ -114,8 +114,11 @@ def test_generate_is_reproducible_and_the_lora_scale_matters(random_lora, tiny_m
     record = json.loads((tmp_path / "half" / "generation.json").read_text())
     assert record["loras"] == [[str(folder), 0.5]] and record["files"] == ["sf-dry-sf-thickness_5.png",
                                                                            "sf-dry-sf-thickness_6.png"]
-    # image i uses seed + i whatever n is: the first image of n=1 equals the first of n=2
-    np.testing.assert_array_equal(run("one", n=1)[0], base[0])
+    # image i uses seed + i whatever n is: the first image of n=1 is the first of n=2. Up to one 8-bit level in a few
+    # pixels: some CPUs pick other convolution kernels for another batch size (2 of 3,072 values seen); another seed
+    # would change every pixel
+    diff = np.abs(run("one", n=1)[0] - base[0])
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
 def test_generate_cli_grayscale(random_lora, tiny_model_dir, tmp_path, run_cli):
