@@ -279,10 +279,12 @@ def _decoders(cfg: EvalConfig) -> dict:
     return {entry.name: round_trips[entry.model] for entry in cfg.models if entry.kind == "sd"}
 
 
-def _round_trip(vae, batch: int = 64):
-    """(N, H, W) grey images in [0, 1] -> the same through the VAE: encoded (the posterior's mean), decoded."""
+def _round_trip(vae, pixels_per_batch: int = 2**19):
+    """(N, H, W) grey images in [0, 1] -> the same through the VAE: encoded (the posterior's mean), decoded. Batches
+    hold about `pixels_per_batch` pixels: 512 at 32 px, 2 at SD's 512 px (about 1 GB of decoder activations in fp16)."""
     def decode(images: np.ndarray) -> np.ndarray:
         out = []
+        batch = max(1, pixels_per_batch // (images.shape[1] * images.shape[2]))
         for start in range(0, len(images), batch):
             x = torch.from_numpy(images[start:start + batch]).float()[:, None].expand(-1, 3, -1, -1) * 2 - 1
             with torch.no_grad():
