@@ -322,6 +322,8 @@ def resize_set(images: np.ndarray, size: int) -> np.ndarray:
     """(N, size, size) (nearest-neighbour search runs at a small common size)."""
     if images.shape[1:] == (size, size):
         return images
+    if not len(images):  # e.g. a real folder with no validation split
+        return np.zeros((0, size, size), images.dtype)
     return np.stack([_resize(im, size) for im in images])
 
 

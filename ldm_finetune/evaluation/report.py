@@ -191,7 +191,8 @@ def _classifier(clf: ClassifierResult | None) -> str:
 def _in_decoder_space(r) -> str:
     if r.decoder_accuracy is None:
         return ""
-    return f"; in its decoder's space {r.decoder_accuracy:.0%} (ceiling {r.decoder_ceiling:.0%})"
+    ceiling = "" if r.decoder_ceiling is None else f" (ceiling {r.decoder_ceiling:.0%})"  # no validation split
+    return f"; in its decoder's space {r.decoder_accuracy:.0%}{ceiling}"
 
 
 def _memorisation(mem: MemorisationResult) -> str:
