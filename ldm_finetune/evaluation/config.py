@@ -43,7 +43,14 @@ from ldm_finetune.evaluation.results import ModelProbes, ProbeResult
 from ldm_finetune.evaluation.imagesets import load_generated, load_real, load_rgb, resized
 from ldm_finetune.evaluation.metrics import load_set
 from ldm_finetune.evaluation.stats import compute_stats
-from ldm_finetune.generation.generate import apply_embeddings, apply_loras, load_pipeline, parse_lora_arg, set_scheduler
+from ldm_finetune.generation.generate import (
+    apply_embeddings,
+    apply_loras,
+    load_pipeline,
+    load_vae,
+    parse_lora_arg,
+    set_scheduler,
+)
 from ldm_finetune.generation.sample import baseline_slices
 from ldm_finetune.models.denoisers import local_denoiser
 from ldm_finetune.models.diffusion import make_schedule, sample, seeded
@@ -275,7 +282,7 @@ def _decoders(cfg: EvalConfig) -> dict:
     round_trips: dict = {}
     for entry in cfg.models:
         if entry.kind == "sd" and entry.model not in round_trips:
-            round_trips[entry.model] = _round_trip(load_pipeline(entry.model).vae)
+            round_trips[entry.model] = _round_trip(load_vae(entry.model))
     return {entry.name: round_trips[entry.model] for entry in cfg.models if entry.kind == "sd"}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors import safe_open
 
 from ldm_finetune.core.errors import UserError
@@ -56,19 +56,32 @@ def set_scheduler(pipe, name: str | None) -> None:
 def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | None = None):
     """A StableDiffusionPipeline from a local folder or hub id, with a clear error offline."""
 
+    pipe = _load(model, device, dtype, lambda source, dtype: StableDiffusionPipeline.from_pretrained(
+        source, dtype=dtype, safety_checker=None, requires_safety_checker=False))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_vae(model: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """The VAE alone of the pipeline load_pipeline would load (none of the UNet's or text encoder's weights)."""
+    return _load(model, device, dtype,
+                 lambda source, dtype: AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dtype))
+
+
+def _load(model: str, device: str | None, dtype: torch.dtype | None, load):
+    """`load(source, dtype)` on `model`'s checked source, on `device` (default: the GPU if any, in fp16 there);
+    a missing or offline model is one clear line."""
     source = check_model_source(model, key="--model")
     quiet_loading()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        loaded = load(source, dtype)
     except (OSError, ValueError) as exc:
         if source == model and not Path(source).exists():
             raise load_error(model, "--model", exc) from None
         raise UserError(f"--model {model}: cannot load ({str(exc).splitlines()[0]})") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return loaded.to(device)
 
 
 def apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
