@@ -9,6 +9,7 @@ from typing import Literal, Optional, Union
 
 from data_prep.captions import resolve_template
 from data_prep.geometry import ORIENTATIONS
+from ldm_finetune.core.configtools import NonNegativeInt, PositiveInt
 from ldm_finetune.core.errors import UserError
 
 # A state becomes part of file names and captions: letters, digits, '.', '_' and '-' only.
@@ -35,13 +36,11 @@ class VolumeSpec:
 class SplitConfig:
     axis: Literal["y", "x"] = "x"  # in-plane axis along which the validation block is cut off
     fraction: float = 0.2  # share of that axis for validation (at least one tile)
-    gap: Optional[int] = None  # voxels dropped between the blocks; default one tile (>= one weave repeat)
+    gap: Optional[NonNegativeInt] = None  # voxels dropped between the blocks; default one tile (>= one weave repeat)
 
     def __post_init__(self):
         if not 0 < self.fraction < 0.5:
             raise UserError(f"split.fraction: {self.fraction} must be between 0 and 0.5")
-        if self.gap is not None and self.gap < 0:
-            raise UserError(f"split.gap: {self.gap} must be >= 0 voxels")
 
 
 @dataclass
@@ -69,8 +68,8 @@ class PrepConfig:
     bits: Literal[8, 16] = 8  # PNG bit depth
     window: Union[Literal["auto", "shared"], tuple[float, float]] = "auto"  # per volume, pooled, or fixed [lo, hi]
     percentiles: tuple[float, float] = (0.5, 99.5)  # for auto/shared windows
-    sample_pages: int = 16  # pages sampled for the window histogram
-    memory_budget_mb: int = 2048  # most volume data held in memory at once; larger volumes stream through disk
+    sample_pages: PositiveInt = 16  # pages sampled for the window histogram
+    memory_budget_mb: PositiveInt = 2048  # most volume data held in memory at once; larger volumes stream through disk
     split: SplitConfig = field(default_factory=SplitConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     overwrite: bool = False
@@ -99,10 +98,6 @@ class PrepConfig:
             raise UserError(f"percentiles: {list(self.percentiles)} must satisfy 0 <= low < high <= 100")
         if isinstance(self.window, tuple) and not self.window[1] > self.window[0]:
             raise UserError(f"window: {list(self.window)} must be [low, high] with high > low")
-        if self.memory_budget_mb < 1:
-            raise UserError(f"memory_budget_mb: {self.memory_budget_mb} must be at least 1")
-        if self.sample_pages < 1:
-            raise UserError("sample_pages: must be >= 1")
         names = [(v.state, str(v.path)) for v in self.volumes]
         if len(set(names)) != len(names):
             raise UserError("volumes: the same state and path are listed twice")

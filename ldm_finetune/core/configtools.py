@@ -2,8 +2,9 @@
 
 `from_dict(Cls, data)` builds a dataclass tree from plain dicts and checks every value against the field's annotation
 (int, float, bool, str, Path, Literal[...], Optional, list/tuple/dict of those, nested dataclasses). An unknown key
-fails with the closest valid key; a wrong type names the key and the expected type. Range and cross-field rules live
-in each dataclass's `__post_init__` and raise UserError too.
+fails with the closest valid key; a wrong type names the key and the expected type. A number's range is part of its
+annotation (`PositiveInt`, `Share`, ...: `Annotated` with `Bounds`), checked here with the key's dotted name;
+cross-field rules live in each dataclass's `__post_init__` and raise UserError too.
 """
 
 from __future__ import annotations
@@ -14,13 +15,37 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
 from ldm_finetune.core.errors import UserError
 
 _EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The range of a number field, as `Annotated[float, Bounds(...)]`: low (open or closed) up to high (open)."""
+    low: float = 0
+    high: float | None = None
+    open_low: bool = False
+
+    def check(self, value, key: str):
+        low_ok = value > self.low if self.open_low else value >= self.low
+        if not low_ok or (self.high is not None and value >= self.high):
+            rule = f"{'>' if self.open_low else '>='} {self.low:g}" if self.high is None else \
+                f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g})"
+            raise UserError(f"{key}: {value} must be {rule}")
+        return value
+
+
+PositiveInt = Annotated[int, Bounds(open_low=True)]
+PositiveFloat = Annotated[float, Bounds(open_low=True)]
+NonNegativeInt = Annotated[int, Bounds()]
+NonNegativeFloat = Annotated[float, Bounds()]
+Share = Annotated[float, Bounds(high=1)]  # [0, 1): dropout rates
+Decay = Annotated[float, Bounds(high=1, open_low=True)]  # (0, 1): EMA decays
 
 
 def closest(name: str, options) -> str:
@@ -83,7 +108,7 @@ def from_dict(cls, data: Any, where: str = ""):
     """Build dataclass `cls` from a dict, checking keys and types; `where` is the dotted path for messages."""
     if not isinstance(data, dict):
         raise UserError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
@@ -106,6 +131,8 @@ def convert(tp, value: Any, key: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        return tp.__metadata__[0].check(convert(args[0], value, key), key)  # Bounds
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None

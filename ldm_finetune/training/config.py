@@ -14,14 +14,10 @@ from typing import Literal, Optional
 
 from ldm_finetune.adapters.registry import ADAPTERS
 from ldm_finetune.core.classes import CLASS_COLUMNS
-from ldm_finetune.core.configtools import apply_overrides, closest, from_dict, load_yaml, to_dict
+from ldm_finetune.core.configtools import (Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                                           Share, apply_overrides, closest, from_dict, load_yaml, to_dict)
 from ldm_finetune.core.errors import UserError
 from ldm_finetune.models.lora import LORA_TARGETS
-
-
-def _positive(key: str, value, allow_zero: bool = False) -> None:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise UserError(f"{key}: {value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 @dataclass
@@ -40,7 +36,7 @@ class ModelConfig:
 class Concept:
     """A group of training images with its own prompt: a DreamBooth instance set, or a Textual Inversion token."""
     select: dict[str, str] = field(default_factory=dict)  # metadata filters on data.train_dir, e.g. {state: dry}
-    num_images: Optional[int] = None  # keep this many, spread evenly over the cuts (null: all that match)
+    num_images: Optional[PositiveInt] = None  # keep this many, spread evenly over the cuts (null: all that match)
     instance_dir: Optional[Path] = None  # a folder of images instead of data.train_dir rows
     caption: Optional[str] = None  # prompt for these images; {token} is the placeholder (null: metadata caption)
     token: Optional[str] = None  # Textual Inversion placeholder, e.g. "<dry-slice>"
@@ -49,7 +45,6 @@ class Concept:
     class_dir: Optional[Path] = None  # DreamBooth prior: folder of class images (generated there when missing)
 
     def __post_init__(self):
-        _positive("num_images", self.num_images)
         if self.instance_dir is not None and self.select:
             raise UserError("a concept takes either select (rows of data.train_dir) or instance_dir, not both")
 
@@ -61,21 +56,17 @@ class DataConfig:
     caption_column: str = "text"  # metadata.jsonl column with the caption
     center_crop: bool = True  # False: random crop (then latents cannot be cached)
     random_flip: bool = False  # horizontal flips (then latents cannot be cached)
-    caption_dropout: float = 0.0  # share of captions replaced by "" (lets classifier-free guidance keep working)
-    repeats: int = 1  # each image appears this many times per epoch
+    caption_dropout: Share = 0.0  # share of captions replaced by "" (lets classifier-free guidance keep working)
+    repeats: PositiveInt = 1  # each image appears this many times per epoch
     cache_latents: Literal["none", "memory", "disk"] = "none"  # encode every image with the VAE once
     cache_text: bool = True  # encode each caption once (only when the text encoder is frozen)
-    num_workers: int = 0  # dataloader worker processes
+    num_workers: NonNegativeInt = 0  # dataloader worker processes
     concepts: list[Concept] = field(default_factory=list)  # empty: every image with its own caption
 
     def __post_init__(self):
         if self.resolution % 8 or self.resolution < 16:
             raise UserError(f"data.resolution: {self.resolution} must be a multiple of 8 and at least 16 "
                             "(the VAE downsamples by 8)")
-        if not 0 <= self.caption_dropout < 1:
-            raise UserError(f"data.caption_dropout: {self.caption_dropout} must be in [0, 1)")
-        _positive("data.repeats", self.repeats)
-        _positive("data.num_workers", self.num_workers, allow_zero=True)
         if self.cache_latents != "none" and (self.random_flip or not self.center_crop):
             raise UserError("data.cache_latents needs the same pixels every epoch: set data.random_flip=false and "
                             "data.center_crop=true, or data.cache_latents=none")
@@ -83,18 +74,14 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = 16  # r: the adapter's inner dimension
-    alpha: float = 16.0  # scale = alpha / rank
-    dropout: float = 0.0
+    rank: PositiveInt = 16  # r: the adapter's inner dimension
+    alpha: PositiveFloat = 16.0  # scale = alpha / rank
+    dropout: Share = 0.0
     targets: list[Literal["attention", "feedforward", "resnet"]] = field(default_factory=lambda: ["attention"])
     text_encoder: bool = False  # also adapt the CLIP text encoder's attention
     text_encoder_lr: Optional[float] = None  # default: train.learning_rate
 
     def __post_init__(self):
-        _positive("lora.rank", self.rank)
-        _positive("lora.alpha", self.alpha)
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"lora.dropout: {self.dropout} must be in [0, 1)")
         if not self.targets:
             raise UserError(f"lora.targets: choose at least one of {', '.join(LORA_TARGETS)}")
 
@@ -107,30 +94,19 @@ class FullConfig:
     train_text_encoder: bool = False  # also fine-tune the CLIP text encoder
     text_encoder_lr: Optional[float] = None  # default: train.learning_rate
     ema: bool = True  # keep an exponential moving average of the UNet weights; it is what gets exported
-    ema_decay: float = 0.9999  # with warm-up: decay_t = min(ema_decay, (1 + t) / (10 + t))
+    ema_decay: Decay = 0.9999  # with warm-up: decay_t = min(ema_decay, (1 + t) / (10 + t))
     ema_on_cpu: bool = False  # keep the average in CPU memory (saves one UNet of GPU memory, slower steps)
-
-    def __post_init__(self):
-        if not 0 < self.ema_decay < 1:
-            raise UserError(f"full.ema_decay: {self.ema_decay} must be in (0, 1)")
 
 
 @dataclass
 class TextualInversionConfig:
-    num_vectors: int = 1  # embedding vectors per placeholder token (more: more capacity, prompts get longer)
-
-    def __post_init__(self):
-        _positive("textual_inversion.num_vectors", self.num_vectors)
+    num_vectors: PositiveInt = 1  # embedding vectors per placeholder token (more: more capacity, prompts get longer)
 
 
 @dataclass
 class PivotalConfig:
-    ti_steps: int = 500  # steps of the Textual Inversion phase; the LoRA phase takes the rest of train.max_steps
-    embedding_lr: float = 5e-3  # learning rate of the new embeddings in the first phase
-
-    def __post_init__(self):
-        _positive("pivotal.ti_steps", self.ti_steps)
-        _positive("pivotal.embedding_lr", self.embedding_lr)
+    ti_steps: PositiveInt = 500  # steps of the Textual Inversion phase; the LoRA phase takes the rest of max_steps
+    embedding_lr: PositiveFloat = 5e-3  # learning rate of the new embeddings in the first phase
 
 
 @dataclass
@@ -138,49 +114,40 @@ class DreamBoothConfig:
     prior_preservation: bool = True  # add the class-prior loss (Ruiz et al. 2023) against language drift
     prior: Literal["generate", "folder", "base_model"] = "generate"  # class images: made by the base model,
     # the user's own folder, or none (the frozen base model's prediction on the class prompt is the target)
-    num_class_images: int = 200  # class images per concept (generate: only the missing ones are made)
-    prior_loss_weight: float = 1.0  # lambda in loss = instance + lambda * prior
+    num_class_images: PositiveInt = 200  # class images per concept (generate: only the missing ones are made)
+    prior_loss_weight: NonNegativeFloat = 1.0  # lambda in loss = instance + lambda * prior
     class_steps: int = 30  # sampling steps when generating class images
     class_guidance: float = 7.5  # guidance scale when generating class images
     min_instance_images: int = 3  # fewer instance images than this is an error
 
-    def __post_init__(self):
-        _positive("dreambooth.num_class_images", self.num_class_images)
-        _positive("dreambooth.prior_loss_weight", self.prior_loss_weight, allow_zero=True)
-
 
 @dataclass
 class NoiseConfig:
-    offset: float = 0.0  # offset noise strength (Guttenberg 2023); the study used 0.1
-    input_perturbation: float = 0.0  # input perturbation gamma (Ning et al. 2023), typically 0.1
-    min_snr_gamma: Optional[float] = None  # min-SNR loss weighting (Hang et al. 2023), typically 5
+    offset: NonNegativeFloat = 0.0  # offset noise strength (Guttenberg 2023); the study used 0.1
+    input_perturbation: NonNegativeFloat = 0.0  # input perturbation gamma (Ning et al. 2023), typically 0.1
+    min_snr_gamma: Optional[PositiveFloat] = None  # min-SNR loss weighting (Hang et al. 2023), typically 5
     zero_terminal_snr: bool = False  # rescale betas so the last step is pure noise (Lin et al. 2024); needs v-pred
-
-    def __post_init__(self):
-        _positive("noise.offset", self.offset, allow_zero=True)
-        _positive("noise.input_perturbation", self.input_perturbation, allow_zero=True)
-        _positive("noise.min_snr_gamma", self.min_snr_gamma)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 1  # per device
-    gradient_accumulation_steps: int = 1
-    max_steps: Optional[int] = None  # optimizer steps; or set epochs
-    epochs: Optional[int] = None
-    learning_rate: float = 1e-4
+    batch_size: PositiveInt = 1  # per device
+    gradient_accumulation_steps: PositiveInt = 1
+    max_steps: Optional[PositiveInt] = None  # optimizer steps; or set epochs
+    epochs: Optional[PositiveInt] = None
+    learning_rate: PositiveFloat = 1e-4
     scale_lr: bool = False  # multiply the learning rate by batch_size x accumulation x processes
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                           "polynomial", "warmup_stable_decay"] = "constant"
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: NonNegativeInt = 0
     # warmup_stable_decay only: the last lr_decay_steps steps anneal the rate to 0 (cosine); the rest stays constant
-    lr_decay_steps: int = 0
+    lr_decay_steps: NonNegativeInt = 0
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs bitsandbytes (GPU)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    weight_decay: float = 1e-2
-    max_grad_norm: Optional[float] = 1.0  # gradient clipping; null turns it off
+    weight_decay: NonNegativeFloat = 1e-2
+    max_grad_norm: Optional[PositiveFloat] = 1.0  # gradient clipping; null turns it off
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     # (bf16 autocast on a CPU is ~10x slower than fp32); trainable parameters always stay in fp32
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
@@ -189,17 +156,11 @@ class TrainConfig:
         if (self.max_steps is None) == (self.epochs is None):
             raise UserError("train: set exactly one of train.max_steps and train.epochs "
                             f"(got max_steps={self.max_steps}, epochs={self.epochs})")
-        for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "epochs", "learning_rate"):
-            _positive(f"train.{key}", getattr(self, key))
-        _positive("train.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
-        _positive("train.lr_decay_steps", self.lr_decay_steps, allow_zero=True)
         if (self.lr_scheduler == "warmup_stable_decay") != (self.lr_decay_steps > 0):
             raise UserError("train: lr_decay_steps > 0 goes with lr_scheduler: warmup_stable_decay, and only with it "
                             f"(got lr_scheduler={self.lr_scheduler}, lr_decay_steps={self.lr_decay_steps})")
         if self.max_steps:  # a run set in epochs only knows its length in fit, which checks it there
             self.stable_steps(self.max_steps, f"train.max_steps ({self.max_steps})")
-        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
-        _positive("train.max_grad_norm", self.max_grad_norm)
 
     def stable_steps(self, max_steps: int, run: str) -> int:
         """warmup_stable_decay's constant phase: what a run of `max_steps` leaves after the warm-up and the anneal;
@@ -215,36 +176,27 @@ class TrainConfig:
 class ValidationConfig:
     prompts: list[str] = field(default_factory=list)  # fixed prompts, rendered every `every_steps` and at the end
     seeds: list[int] = field(default_factory=lambda: [0])  # one image per prompt and seed
-    every_steps: Optional[int] = None  # null: only at the end
+    every_steps: Optional[PositiveInt] = None  # null: only at the end
     negative_prompt: str = ""
-    num_inference_steps: int = 25
+    num_inference_steps: PositiveInt = 25
     guidance_scale: float = 7.5
 
     def __post_init__(self):
-        _positive("validation.every_steps", self.every_steps)
-        _positive("validation.num_inference_steps", self.num_inference_steps)
         if not self.seeds:
             raise UserError("validation.seeds: give at least one seed")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: Optional[int] = None  # save the full training state every N steps (null: never)
-    total_limit: Optional[int] = None  # keep at most this many checkpoints, removing the oldest
+    every_steps: Optional[PositiveInt] = None  # save the full training state every N steps (null: never)
+    total_limit: Optional[PositiveInt] = None  # keep at most this many checkpoints, removing the oldest
     resume: Optional[str] = None  # "latest" (in output_dir/checkpoints) or a checkpoint folder
-
-    def __post_init__(self):
-        _positive("checkpoint.every_steps", self.every_steps)
-        _positive("checkpoint.total_limit", self.total_limit)
 
 
 @dataclass
 class LoggingConfig:
     report_to: Literal["tensorboard", "none"] = "tensorboard"  # accelerate tracker; logs in output_dir/logs
-    every_steps: int = 10  # loss / learning rate logging interval
-
-    def __post_init__(self):
-        _positive("logging.every_steps", self.every_steps)
+    every_steps: PositiveInt = 10  # loss / learning rate logging interval
 
 
 @dataclass(frozen=True)
@@ -338,18 +290,17 @@ class PixelDataConfig:
     resolution: int = 64  # square training size (32-256 px)
     class_columns: list[str] = field(default_factory=lambda: list(CLASS_COLUMNS))  # label = values joined by /
     random_flip: bool = False  # horizontal flips
-    repeats: int = 1  # each image appears this many times per epoch
-    num_workers: int = 0  # dataloader worker processes
+    repeats: PositiveInt = 1  # each image appears this many times per epoch
+    num_workers: NonNegativeInt = 0  # dataloader worker processes
 
     def __post_init__(self):
-        _positive("data.repeats", self.repeats)
         if not self.class_columns:
             raise UserError("data.class_columns: name at least one metadata column (e.g. [state, orientation])")
 
 
 @dataclass
 class PixelModelConfig:
-    base_channels: int = 64  # channels of the first level
+    base_channels: PositiveInt = 64  # channels of the first level
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # per level: 64 -> 512 channels
     layers_per_block: int = 2  # ResNet blocks per level
     attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])  # self-attention at these sizes
@@ -360,57 +311,43 @@ class PixelModelConfig:
     resnet_time_scale_shift: Literal["default", "scale_shift"] = "default"
     dropout: float = 0.0
     class_conditional: bool = True  # condition on the class label; false: unconditional
-    label_dropout: float = 0.1  # share of labels replaced by "no class" (classifier-free guidance)
+    label_dropout: Share = 0.1  # share of labels replaced by "no class" (classifier-free guidance)
     compile: bool = False  # torch.compile the U-Net
 
     def __post_init__(self):
-        _positive("model.base_channels", self.base_channels)
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
             raise UserError("model.channel_mult: give one positive multiplier per level, e.g. [1, 2, 4, 8]")
         bad = [m for m in self.channel_mult if (self.base_channels * m) % self.norm_num_groups]
         if bad:
             raise UserError(f"model.norm_num_groups: {self.norm_num_groups} must divide every level's channels "
                             f"({self.base_channels} x {bad[0]})")
-        if not 0 <= self.label_dropout < 1:
-            raise UserError(f"model.label_dropout: {self.label_dropout} must be in [0, 1)")
 
 
 @dataclass
 class DiffusionConfig:
     schedule: Literal["linear", "cosine"] = "linear"  # linear 1e-4 -> 0.02 (Ho et al.) or cosine (Nichol & Dhariwal)
-    timesteps: int = 1000  # T
+    timesteps: PositiveInt = 1000  # T
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02  # linear schedule only
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-
-    def __post_init__(self):
-        _positive("diffusion.timesteps", self.timesteps)
 
 
 @dataclass
 class EmaConfig:
     enabled: bool = True  # sample and export with an EMA of the weights
-    decay: float = 0.999
+    decay: Decay = 0.999
     on_cpu: bool = False
-
-    def __post_init__(self):
-        if not 0 < self.decay < 1:
-            raise UserError(f"ema.decay: {self.decay} must be in (0, 1)")
 
 
 @dataclass
 class PixelValidationConfig:
-    every_steps: Optional[int] = None  # sample a grid every N steps (null: only at the end)
-    images_per_class: int = 2
+    every_steps: Optional[PositiveInt] = None  # sample a grid every N steps (null: only at the end)
+    images_per_class: PositiveInt = 2
     sampler: Literal["ddpm", "ddim"] = "ddim"
     steps: int = 50  # DDIM steps
     eta: float = 0.0  # DDIM eta: 0 deterministic; 1 stochastic, more forgiving of an under-trained model
     guidance: float = 1.0  # classifier-free guidance scale (1: conditional model only)
     seed: int = 0
-
-    def __post_init__(self):
-        _positive("validation.every_steps", self.every_steps)
-        _positive("validation.images_per_class", self.images_per_class)
 
 
 @dataclass
