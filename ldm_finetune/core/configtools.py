@@ -9,6 +9,7 @@ cross-field rules live in each dataclass's `__post_init__` and raise UserError t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -63,7 +64,7 @@ def parse_scalar(text: str) -> Any:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set dotted keys in a nested dict from `a.b.c=value` strings; returns a new dict."""
-    data = _deepcopy(data)
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not of the form key.sub=value")
@@ -78,14 +79,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise UserError(f"override {item!r}: {part!r} is a value, not a section")
             node = child
         node[parts[-1]] = parse_scalar(text)
-    return data
-
-
-def _deepcopy(data):
-    if isinstance(data, dict):
-        return {k: _deepcopy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deepcopy(v) for v in data]
     return data
 
 
